@@ -1,0 +1,37 @@
+"""The pod network's contract with the kubelet side (think CNI ADD/DEL)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class NetworkError(Exception):
+    """Setting up or tearing down a pod's network failed."""
+
+
+@dataclass(frozen=True)
+class PodNetworkStatus:
+    ip: str  # the pod's IPv4 address
+    gateway: str
+    prefix_len: int
+    interface: str = "eth0"
+
+
+class PodNetwork(Protocol):
+    async def start(self) -> None:
+        """Create/verify the node bridge and IPAM store; idempotent."""
+
+    async def setup_pod(self, pod_uid: str, netns_path: str) -> PodNetworkStatus:
+        """Give the pod an eth0 with an address; idempotent (re-running returns the
+        same address and does not create a second interface)."""
+
+    async def teardown_pod(self, pod_uid: str, netns_path: str | None) -> None:
+        """Remove the pod's veth and release its address; idempotent."""
+
+    async def pod_status(self, pod_uid: str) -> PodNetworkStatus | None:
+        """The pod's allocation as IPAM recorded it, if any."""
+
+    async def garbage_collect(self, live_pod_uids: set[str]) -> list[str]:
+        """Release addresses and veths of pods not in ``live_pod_uids``; returns the
+        released pod uids."""
