@@ -1,0 +1,196 @@
+"""Wires the layers into one daemon and runs them under one TaskGroup."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+import structlog
+
+from netplugin.podnet import BridgeNetwork
+from nodeagent.backoff import Backoff
+from nodeagent.config import Settings
+from nodeagent.kubelet import Kubelet
+from nodeagent.manifests import ManifestSnapshot, ManifestSource
+from nodeagent.pleg import PLEG
+from nodeagent.podworkers import PodWorkers
+from nodeagent.server import StatusServer
+from nodeagent.volumes import VolumeManager
+from runtime.docker import DockerRuntime
+from runtime.images import DockerImageService
+from runtime.pause_image import ensure_pause_image
+
+log = structlog.get_logger(__name__)
+
+from nodeagent import __version__ as VERSION
+
+
+def detect_host_ip() -> str:
+    """The source address the kernel would use toward the default route.
+
+    A UDP connect only consults the routing table; no packet is sent.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.255", 9))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+class Agent:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        root = Path(settings.root_dir)
+        self.host_ip = settings.node_ip or detect_host_ip()
+        self.runtime = DockerRuntime(
+            settings.node_name,
+            docker_url=settings.docker_url,
+            call_timeout=settings.runtime_call_timeout,
+        )
+        self.images = DockerImageService(
+            self.runtime, pull_timeout=settings.image_pull_timeout
+        )
+        self.network = BridgeNetwork(
+            bridge_name=settings.bridge_name,
+            pod_cidr=settings.pod_cidr,
+            state_dir=root / "ipam",
+        )
+        self.volumes = VolumeManager(root)
+        self.kubelet = Kubelet(
+            node_name=settings.node_name,
+            runtime=self.runtime,
+            images=self.images,
+            network=self.network,
+            volumes=self.volumes,
+            backoff=Backoff(base=settings.backoff_base, cap=settings.backoff_cap),
+            pull_backoff=Backoff(base=settings.backoff_base, cap=settings.backoff_cap),
+            sandbox_image=self._sandbox_image,
+            host_ip=self.host_ip,
+        )
+        self.workers = PodWorkers(self.kubelet)
+        self.pleg = PLEG(
+            self.runtime,
+            on_pod_event=self.workers.kick,
+            on_relist=self._on_relist,
+            relist_period=settings.relist_period,
+        )
+        self.manifests = (
+            ManifestSource(
+                settings.manifest_dir,
+                settings.node_name,
+                self._on_manifests,
+                poll_period=settings.manifest_poll_period,
+            )
+            if settings.manifest_dir
+            else None
+        )
+        self.server = StatusServer(
+            *settings.status_host_port,
+            pods=self.pod_list,
+            checks={"ping": lambda: (True, "ok"), "pleg": self.pleg.healthy,
+                    "network": self._network_health},
+        )
+        self._file_pods: set[str] = set()
+        self._sandbox_image_id: str | None = None
+        self._sandbox_lock = asyncio.Lock()
+        self._network_error: str | None = "not started"
+        self.started_at = time.time()
+
+    # --- sources -------------------------------------------------------------------
+
+    def _on_manifests(self, snapshot: ManifestSnapshot) -> None:
+        for uid, pod in snapshot.pods.items():
+            self.kubelet.set_desired(pod, snapshot.rejected.get(uid))
+            self.workers.update(pod)
+        for uid in self._file_pods - set(snapshot.pods):
+            record = self.kubelet.record(uid)
+            self.workers.remove(uid, record.pod if record else None)
+        self._file_pods = set(snapshot.pods)
+
+    def _sources_synced(self) -> bool:
+        return self.manifests is None or self.manifests.synced.is_set()
+
+    def _on_relist(self, runtime_uids: set[str]) -> None:
+        # Until every source has reported, an unknown pod may simply not be read yet.
+        if not self._sources_synced():
+            return
+        known = self.workers.known()
+        for uid in runtime_uids - known:
+            log.info("removing pod that no source wants", pod_uid=uid)
+            self.workers.remove(uid, None)
+
+    async def _housekeeping(self) -> None:
+        """Free addresses and volumes of pods that no longer exist (after a crash)."""
+        while True:
+            await asyncio.sleep(self.settings.relist_period)
+            if not self._sources_synced() or self.pleg.last_relist is None:
+                continue
+            live = self.workers.known()
+            try:
+                released = await self.network.garbage_collect(live)
+                if released:
+                    log.info("released addresses of gone pods", pod_uids=released)
+                await self.volumes.cleanup_orphans(live)
+            except Exception as exc:  # housekeeping must never stop the node
+                log.warning("housekeeping failed", error=str(exc))
+
+    # --- runtime helpers -------------------------------------------------------------
+
+    async def _sandbox_image(self) -> str:
+        async with self._sandbox_lock:
+            if self._sandbox_image_id is None:
+                self._sandbox_image_id = await ensure_pause_image(
+                    self.runtime.docker, self.settings.pod_infra_image
+                )
+        return self.settings.pod_infra_image
+
+    def _network_health(self) -> tuple[bool, str]:
+        return (self._network_error is None, self._network_error or "ok")
+
+    async def _start_network(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await self.network.start()
+                self._network_error = None
+                return
+            except Exception as exc:
+                self._network_error = str(exc)
+                log.error("pod network setup failed; retrying", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    # --- views ---------------------------------------------------------------------
+
+    def pod_list(self) -> list[dict]:
+        items = []
+        for record in self.kubelet.pods.values():
+            pod = dict(record.pod)
+            pod["status"] = record.status or {"phase": "Pending"}
+            items.append(pod)
+        items.sort(key=lambda p: (p["metadata"].get("namespace", ""), p["metadata"]["name"]))
+        return items
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        Path(self.settings.root_dir).mkdir(parents=True, exist_ok=True)
+        log.info("nodeagent starting", version=VERSION, node=self.settings.node_name,
+                 manifest_dir=self.settings.manifest_dir, pod_cidr=self.settings.pod_cidr,
+                 host_ip=self.host_ip)
+        await self.server.start()
+        try:
+            await self._start_network()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.workers.run(), name="pod-workers")
+                tg.create_task(self.pleg.run(), name="pleg")
+                tg.create_task(self._housekeeping(), name="housekeeping")
+                if self.manifests is not None:
+                    tg.create_task(self.manifests.run(), name="manifest-source")
+        finally:
+            await self.server.stop()
+            await self.runtime.close()
+            await self.network.stop()

@@ -1,0 +1,112 @@
+"""Pod lifecycle event generator: Docker's event stream, with a periodic relist.
+
+Events give low latency; the relist is the safety net for anything the stream missed
+(a reconnect, an engine restart) and the source of the node's view of which pods the
+runtime holds (for orphan cleanup). Both only *kick* pod workers: the worker reads the
+runtime itself, so a lost or duplicated event can never make state wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Callable
+
+import structlog
+
+from runtime.types import RuntimeError_, RuntimeService
+
+log = structlog.get_logger(__name__)
+
+
+class PLEG:
+    def __init__(
+        self,
+        runtime: RuntimeService,
+        *,
+        on_pod_event: Callable[[str], None],
+        on_relist: Callable[[set[str]], None],
+        relist_period: float = 10.0,
+    ) -> None:
+        self._runtime = runtime
+        self._on_pod_event = on_pod_event
+        self._on_relist = on_relist
+        self.relist_period = relist_period
+        self._fingerprints: dict[str, frozenset] = {}
+        self.last_relist: float | None = None  # monotonic time of the last good relist
+        self.runtime_error: str | None = "not yet contacted"
+        self._relist_now = asyncio.Event()
+
+    def healthy(self) -> tuple[bool, str]:
+        if self.runtime_error:
+            return False, f"container runtime unavailable: {self.runtime_error}"
+        if self.last_relist is None:
+            return False, "no relist yet"
+        age = time.monotonic() - self.last_relist
+        limit = max(3 * self.relist_period, 30.0)
+        if age > limit:
+            return False, f"pleg was last seen active {age:.0f}s ago; threshold is {limit:.0f}s"
+        return True, "ok"
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._watch_events(), name="pleg-events")
+            tg.create_task(self._relist_loop(), name="pleg-relist")
+
+    def request_relist(self) -> None:
+        self._relist_now.set()
+
+    async def _relist_loop(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await self.relist()
+                delay = 1.0
+                wait = self.relist_period
+            except RuntimeError_ as exc:
+                if self.runtime_error != str(exc):
+                    log.warning("relist failed; container runtime unavailable", error=str(exc))
+                self.runtime_error = str(exc) or type(exc).__name__
+                wait, delay = delay, min(delay * 2, 30.0)
+            try:
+                async with asyncio.timeout(wait):
+                    await self._relist_now.wait()
+            except TimeoutError:
+                pass
+            self._relist_now.clear()
+
+    async def relist(self) -> None:
+        sandboxes = await self._runtime.list_pod_sandboxes()
+        containers = await self._runtime.list_containers()
+        was_down = self.runtime_error is not None
+        self.runtime_error = None
+        prints: dict[str, set] = {}
+        for s in sandboxes:
+            prints.setdefault(s.pod.uid, set()).add((s.id, s.state.value))
+        for c in containers:
+            prints.setdefault(c.pod.uid, set()).add((c.id, c.state.value, c.exit_code))
+        current = {uid: frozenset(p) for uid, p in prints.items()}
+        for uid in set(current) | set(self._fingerprints):
+            if was_down or current.get(uid) != self._fingerprints.get(uid):
+                self._on_pod_event(uid)
+        self._fingerprints = current
+        self.last_relist = time.monotonic()
+        if was_down:
+            log.info("container runtime reachable", pods_in_runtime=len(current))
+        self._on_relist(set(current))
+
+    async def _watch_events(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                async for event in self._runtime.events():
+                    delay = 1.0
+                    if event.pod_uid:
+                        self._on_pod_event(event.pod_uid)
+            except RuntimeError_ as exc:
+                log.debug("runtime event stream broke; reconnecting", error=str(exc), retry_in=delay)
+            # Whatever happened while the stream was down is found by a relist.
+            self.request_relist()
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 30.0)

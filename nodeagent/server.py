@@ -1,0 +1,66 @@
+"""The node's HTTP status endpoint (kubelet's read-only port): /healthz and /pods."""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+import structlog
+from aiohttp import web
+
+log = structlog.get_logger(__name__)
+
+HealthCheck = Callable[[], tuple[bool, str]]
+
+
+class StatusServer:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        pods: Callable[[], list[dict]],
+        checks: dict[str, HealthCheck],
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._pods = pods
+        self._checks = checks
+        self._runner: web.AppRunner | None = None
+        self.app = web.Application()
+        self.app.router.add_get("/healthz", self._healthz)
+        self.app.router.add_get("/pods", self._list_pods)
+        self.app.router.add_get("/pods/", self._list_pods)
+        self.bound_port: int | None = None
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server  # aiohttp keeps the asyncio server here
+        sockets = getattr(server, "sockets", None) or []
+        self.bound_port = sockets[0].getsockname()[1] if sockets else self.port
+        log.info("status server listening", address=f"{self.host}:{self.bound_port}")
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        lines = []
+        healthy = True
+        for name, check in self._checks.items():
+            ok, detail = check()
+            healthy &= ok
+            lines.append(f"[+]{name} ok" if ok else f"[-]{name} failed: {detail}")
+        verbose = "verbose" in request.query
+        if healthy:
+            body = "\n".join(lines + ["healthz check passed"]) if verbose else "ok"
+            return web.Response(text=body)
+        return web.Response(status=500, text="\n".join(lines + ["healthz check failed"]))
+
+    async def _list_pods(self, request: web.Request) -> web.Response:
+        body = {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": self._pods()}
+        return web.Response(text=json.dumps(body), content_type="application/json")
