@@ -1,8 +1,8 @@
 """The manifest-directory pod source (kubelet's static pods).
 
-The directory is polled: a stat per file per period is cheap, works on every
-filesystem (bind mounts, NFS, editors that replace files) and needs no inotify
-dependency. Files are re-parsed only when their (inode, size, mtime) changes.
+inotify wakes the source when the directory changes; a periodic re-scan stays as a
+safety net (kubelet does the same with fsnotify plus a periodic resync). A scan costs a
+stat per file; files are re-parsed only when their (inode, size, mtime) changes.
 
 Bad input never takes down what already runs: a file that stops parsing keeps its
 last good pods, and an invalid edit of a pod keeps the previous version running.
@@ -23,6 +23,7 @@ from typing import Callable
 import structlog
 import yaml
 
+from nodeagent.dirwatch import DirectoryWatch
 from nodeagent.podspec import FieldError, apply_defaults, static_pod_uid, validate_pod
 
 log = structlog.get_logger(__name__)
@@ -104,6 +105,14 @@ class ManifestSource:
         self.synced = asyncio.Event()
 
     async def run(self) -> None:
+        watch = DirectoryWatch(str(self.directory))
+        watching = watch.start()
+        try:
+            await self._loop(watch if watching else None)
+        finally:
+            watch.close()
+
+    async def _loop(self, watch: "DirectoryWatch | None") -> None:
         while True:
             # Reading a few small files per change; the parse cost is measured in
             # microseconds, but a slow filesystem must not stall the loop.
@@ -117,7 +126,17 @@ class ManifestSource:
                 self._last_snapshot_key = key
                 self.on_change(snapshot)
             self.synced.set()
-            await asyncio.sleep(self.poll_period)
+            if watch is None:
+                await asyncio.sleep(self.poll_period)
+                continue
+            # inotify wakes us at once; the poll stays as a safety net (a directory
+            # replaced underneath the watch, an event queue overflow).
+            try:
+                async with asyncio.timeout(max(self.poll_period, 5.0)):
+                    await watch.changed.wait()
+            except TimeoutError:
+                pass
+            watch.changed.clear()
 
     def scan(self) -> ManifestSnapshot:
         try:

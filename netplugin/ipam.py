@@ -1,0 +1,341 @@
+"""Host-local IPAM: one IPv4 pod CIDR, one file per allocated address.
+
+On-disk layout under ``state_dir`` (modelled on CNI's host-local plugin)::
+
+    network            the pod CIDR this store belongs to ("10.244.0.0/24\\n")
+    10.244.0.2         one file per allocated address, content: "<owner>\\n"
+    last_reserved_ip   the allocation cursor, so freed addresses are not reused at once
+    lock               flock(2) target serialising allocators across processes
+
+Crash consistency (kill -9 at any instant leaves a valid store):
+
+* An address file is written to a uniquely named temp file (``O_CREAT|O_EXCL``),
+  fsync'd, then hard-linked to its final name. ``link(2)`` fails with EEXIST when the
+  name exists, so it is exactly as exclusive as ``O_EXCL`` on the final name, but the
+  name only ever appears with its full content. Two allocators therefore can never
+  hand out the same address, and no reader ever sees a half-written owner.
+* The cursor and the network marker are replaced with write-temp + fsync + rename.
+* The directory is fsync'd after every name change. Leftover temp files from a crash
+  are removed when the store is opened.
+
+Every public method is thread-safe and process-safe (a threading lock plus an flock on
+``lock``); all of them do blocking file I/O, so async callers use ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import os
+import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import structlog
+
+from netplugin.types import NetworkError
+
+log = structlog.get_logger(__name__)
+
+NETWORK_FILE = "network"
+CURSOR_FILE = "last_reserved_ip"
+LOCK_FILE = "lock"
+TEMP_PREFIX = ".tmp-"
+
+
+class IPAMError(NetworkError):
+    """An address could not be allocated or released."""
+
+
+class IPAMExhaustedError(IPAMError):
+    """Every allocatable address of the pod CIDR is in use."""
+
+
+class IPAMConfigError(IPAMError):
+    """The configuration does not match the store (e.g. the pod CIDR changed)."""
+
+
+def parse_pod_cidr(pod_cidr: str) -> IPv4Network:
+    """Validate ``pod_cidr``: an IPv4 network without host bits, room for >= 1 pod."""
+    try:
+        network = ipaddress.ip_network(pod_cidr, strict=True)
+    except ValueError as exc:
+        raise IPAMConfigError(f"pod_cidr {pod_cidr!r} is not a valid network: {exc}") from exc
+    if not isinstance(network, IPv4Network):
+        raise IPAMConfigError(f"pod_cidr {pod_cidr!r} must be an IPv4 network")
+    if network.prefixlen > 30:
+        raise IPAMConfigError(
+            f"pod_cidr {pod_cidr!r} is too small: needs a prefix of /30 or shorter "
+            "(network, gateway and broadcast addresses are never allocated)"
+        )
+    return network
+
+
+def gateway_of(network: IPv4Network) -> IPv4Address:
+    """The gateway is the first host address of the pod CIDR (it lives on the bridge)."""
+    return network.network_address + 1
+
+
+class HostLocalIPAM:
+    """Allocates addresses of one pod CIDR to owners (pod uids), persisted on disk."""
+
+    def __init__(self, state_dir: str | Path, pod_cidr: str) -> None:
+        self.network: IPv4Network = parse_pod_cidr(pod_cidr)
+        self.gateway: IPv4Address = gateway_of(self.network)
+        self.state_dir = Path(state_dir)
+        # Allocatable range: after the gateway, before the broadcast address.
+        self._first = int(self.gateway) + 1
+        self._last = int(self.network.broadcast_address) - 1
+        self._thread_lock = threading.Lock()
+        self._open_store()
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def prefix_len(self) -> int:
+        return self.network.prefixlen
+
+    @property
+    def capacity(self) -> int:
+        """How many addresses can be allocated in total."""
+        return self._last - self._first + 1
+
+    def allocate(self, owner: str) -> IPv4Address:
+        """Reserve an address for ``owner``; idempotent (an owner keeps its address)."""
+        _validate_owner(owner)
+        with self._locked():
+            by_ip = self._read_allocations()
+            for ip, holder in by_ip.items():
+                if holder == owner:
+                    return ip
+            for candidate in self._candidates(self._read_cursor()):
+                if candidate in by_ip:
+                    continue
+                if self._reserve(candidate, owner):
+                    self._write_cursor(candidate)
+                    log.debug("ipam.allocated", owner=owner, ip=str(candidate))
+                    return candidate
+            raise IPAMExhaustedError(
+                f"pod CIDR {self.network} is exhausted: all {self.capacity} allocatable "
+                f"addresses are in use (state dir {self.state_dir}); cannot allocate for {owner!r}"
+            )
+
+    def release(self, owner: str) -> IPv4Address | None:
+        """Free ``owner``'s address; returns it, or None when the owner had none."""
+        _validate_owner(owner)
+        with self._locked():
+            released: IPv4Address | None = None
+            for ip, holder in self._read_allocations().items():
+                if holder == owner:
+                    _unlink_missing_ok(self._path_of(ip))
+                    released = ip
+            if released is not None:
+                _fsync_dir(self.state_dir)
+                log.debug("ipam.released", owner=owner, ip=str(released))
+            return released
+
+    def address_of(self, owner: str) -> IPv4Address | None:
+        """The address currently held by ``owner``, if any."""
+        with self._locked():
+            for ip, holder in self._read_allocations().items():
+                if holder == owner:
+                    return ip
+            return None
+
+    def owner_of(self, ip: str | IPv4Address) -> str | None:
+        """Who holds ``ip`` (None when free or outside the pod CIDR)."""
+        try:
+            address = IPv4Address(ip)
+        except ValueError as exc:
+            raise IPAMError(f"owner_of: {ip!r} is not an IPv4 address") from exc
+        if not self._allocatable(address):
+            return None
+        with self._locked():
+            return self._read_owner(self._path_of(address))
+
+    def allocations(self) -> dict[str, IPv4Address]:
+        """Every owner and its address."""
+        with self._locked():
+            return {owner: ip for ip, owner in sorted(self._read_allocations().items())}
+
+    # --------------------------------------------------------------- store set-up
+
+    def _open_store(self) -> None:
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise IPAMConfigError(f"IPAM state_dir {self.state_dir}: cannot create: {exc}") from exc
+        with self._locked():
+            self._remove_stale_temp_files()
+            self._check_or_claim_network()
+
+    def _check_or_claim_network(self) -> None:
+        marker = self.state_dir / NETWORK_FILE
+        try:
+            recorded = marker.read_text().strip()
+        except FileNotFoundError:
+            recorded = None
+        if recorded is not None:
+            if recorded != str(self.network):
+                raise IPAMConfigError(
+                    f"IPAM state_dir {self.state_dir} belongs to pod CIDR {recorded}, "
+                    f"refusing to use it for pod CIDR {self.network}; release its pods "
+                    "and remove the directory before changing the CIDR"
+                )
+            return
+        # No marker: a fresh store, unless someone left foreign address files behind.
+        foreign = sorted(
+            name
+            for name in os.listdir(self.state_dir)
+            if (ip := _parse_ip(name)) is not None and not self._allocatable(ip)
+        )
+        if foreign:
+            raise IPAMConfigError(
+                f"IPAM state_dir {self.state_dir} holds addresses outside pod CIDR "
+                f"{self.network} ({', '.join(foreign)}); refusing to mix CIDRs"
+            )
+        _atomic_write(marker, f"{self.network}\n")
+        _fsync_dir(self.state_dir)
+
+    def _remove_stale_temp_files(self) -> None:
+        # Safe: temp files are only written while holding the flock we hold now.
+        for name in os.listdir(self.state_dir):
+            if name.startswith(TEMP_PREFIX):
+                _unlink_missing_ok(self.state_dir / name)
+
+    # ------------------------------------------------------------------- helpers
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._thread_lock:
+            fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # closing drops the flock
+
+    def _allocatable(self, ip: IPv4Address) -> bool:
+        return self._first <= int(ip) <= self._last
+
+    def _path_of(self, ip: IPv4Address) -> Path:
+        return self.state_dir / str(ip)
+
+    def _read_allocations(self) -> dict[IPv4Address, str]:
+        allocations: dict[IPv4Address, str] = {}
+        for name in os.listdir(self.state_dir):
+            ip = _parse_ip(name)
+            if ip is None or not self._allocatable(ip):
+                continue
+            owner = self._read_owner(self.state_dir / name)
+            if owner is not None:
+                allocations[ip] = owner
+        return allocations
+
+    @staticmethod
+    def _read_owner(path: Path) -> str | None:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        owner = text.split("\n", 1)[0]
+        if not owner:
+            # Cannot come from this module (names appear with full content); keep the
+            # address reserved rather than guess, and say so.
+            log.warning("ipam.unreadable_allocation", path=str(path))
+            return f"<unknown:{path.name}>"
+        return owner
+
+    def _read_cursor(self) -> IPv4Address | None:
+        try:
+            ip = _parse_ip((self.state_dir / CURSOR_FILE).read_text().strip())
+        except FileNotFoundError:
+            return None
+        if ip is None or not self._allocatable(ip):
+            return None
+        return ip
+
+    def _write_cursor(self, ip: IPv4Address) -> None:
+        _atomic_write(self.state_dir / CURSOR_FILE, f"{ip}\n")
+        _fsync_dir(self.state_dir)
+
+    def _candidates(self, cursor: IPv4Address | None) -> Iterator[IPv4Address]:
+        """All allocatable addresses, starting right after the cursor and wrapping."""
+        start = self._first if cursor is None else int(cursor) + 1
+        if start > self._last:
+            start = self._first
+        for value in range(start, self._last + 1):
+            yield IPv4Address(value)
+        for value in range(self._first, start):
+            yield IPv4Address(value)
+
+    def _reserve(self, ip: IPv4Address, owner: str) -> bool:
+        """Create the address file exclusively; False if someone else holds it."""
+        temp = self.state_dir / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        _write_new_file(temp, f"{owner}\n")
+        try:
+            os.link(temp, self._path_of(ip))
+        except FileExistsError:
+            return False
+        finally:
+            _unlink_missing_ok(temp)
+        _fsync_dir(self.state_dir)
+        return True
+
+
+# ---------------------------------------------------------------------- file helpers
+
+
+def _validate_owner(owner: str) -> None:
+    if not isinstance(owner, str) or not owner:
+        raise IPAMError(f"IPAM owner must be a non-empty string, got {owner!r}")
+    if "\n" in owner or "\0" in owner or len(owner) > 253:
+        raise IPAMError(f"IPAM owner {owner!r} must be <= 253 chars without newlines or NULs")
+
+
+def _parse_ip(name: str) -> IPv4Address | None:
+    try:
+        return IPv4Address(name)
+    except ValueError:
+        return None
+
+
+def _write_new_file(path: Path, content: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        data = content.encode()
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, content: str) -> None:
+    temp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}")
+    try:
+        _write_new_file(temp, content)
+        os.replace(temp, path)
+    finally:
+        _unlink_missing_ok(temp)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_missing_ok(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise

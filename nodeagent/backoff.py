@@ -1,0 +1,179 @@
+"""Exponential back-off per key: container restarts (CrashLoopBackOff) and image pulls.
+
+Two ways to feed it, matching the two uses kubelet has for its back-off:
+
+* ``record_exit`` for container restarts. The delay is counted from the moment the
+  container *finished*, which the runtime reports, so the decision survives an agent
+  restart: the caller re-records the newest dead instance on every sync (the call is
+  idempotent on ``finished_at``) and, when the agent has no memory of the container at
+  all, the streak of short-lived runs is derived from the instance's attempt number
+  instead of starting again from zero.
+* ``record_failure`` for operations that fail at a point in time (image pulls).
+
+Kubelet semantics (``flowcontrol.Backoff`` as used by ``doBackOff``): after the first
+crash of a streak the container is restarted at once, then the delays are base, 2*base,
+4*base ... capped at ``cap`` (10 s, 20 s, 40 s ... 300 s). A container that ran at least
+``reset_after`` seconds ends the streak, so its next restart is immediate again.
+``immediate_first_restart=False`` delays the first restart by ``base`` too.
+Image pulls wait ``base`` after the first failure, doubling up to ``cap``; a failure
+more than ``reset_after`` after the previous one starts a new streak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+# 2**_MAX_DOUBLINGS * base is far beyond any sane cap; keeps the power finite.
+_MAX_DOUBLINGS = 62
+
+
+@dataclass
+class _Entry:
+    streak: int  # consecutive short-lived exits (or failures), this one included
+    delay: float  # seconds after ``last`` before the next attempt is allowed
+    last: float  # unix time of the exit/failure the delay counts from
+
+
+class Backoff:
+    def __init__(
+        self,
+        base: float = 10.0,
+        cap: float = 300.0,
+        reset_after: float = 600.0,
+        *,
+        immediate_first_restart: bool = True,
+    ) -> None:
+        if base <= 0:
+            raise ValueError(f"back-off base must be > 0, got {base}")
+        if cap < base:
+            raise ValueError(f"back-off cap ({cap}) must be >= base ({base})")
+        if reset_after <= 0:
+            raise ValueError(f"back-off reset_after must be > 0, got {reset_after}")
+        self.base = float(base)
+        self.cap = float(cap)
+        self.reset_after = float(reset_after)
+        self.immediate_first_restart = immediate_first_restart
+        self._entries: dict[str, _Entry] = {}
+
+    # --- container restarts ------------------------------------------------------
+
+    def restart_delay(self, streak: int) -> float:
+        """Delay before restarting a container whose streak of short runs is ``streak``
+        (1 = the first exit of a streak)."""
+        if streak < 1:
+            return 0.0
+        doublings = streak - 1
+        if self.immediate_first_restart:
+            if streak == 1:
+                return 0.0
+            doublings = streak - 2
+        return min(self.base * 2 ** min(doublings, _MAX_DOUBLINGS), self.cap)
+
+    def record_exit(
+        self, key: str, finished_at: float, ran_for: float, *, attempt: int | None = None
+    ) -> float:
+        """Record that the instance under ``key`` finished at ``finished_at`` after
+        running ``ran_for`` seconds; return the delay (seconds after ``finished_at``)
+        before the next start is allowed.
+
+        Idempotent: recording the same (or an older) exit again changes nothing, so the
+        caller may pass the newest dead instance on every sync. ``attempt`` is that
+        instance's attempt number (0 = first run); it is used only when nothing is known
+        about the container, e.g. right after an agent restart: every run so far is then
+        assumed short-lived, which may overstate the delay but never forgets it.
+        """
+        entry = self._entries.get(key)
+        if entry is not None and finished_at <= entry.last:
+            return entry.delay
+        if ran_for >= self.reset_after:
+            streak = 1
+        elif entry is not None:
+            streak = entry.streak + 1
+        elif attempt is not None and not self._knows_container(key):
+            streak = max(0, attempt) + 1
+        else:
+            streak = 1
+        delay = self.restart_delay(streak)
+        self._entries[key] = _Entry(streak=streak, delay=delay, last=finished_at)
+        return delay
+
+    # --- point-in-time failures (image pulls) --------------------------------------
+
+    def record_failure(self, key: str, now: float) -> float:
+        """Record a failure at ``now``; return the delay before the next try."""
+        entry = self._entries.get(key)
+        if entry is None or now - entry.last > self.reset_after:
+            streak = 1
+        elif now <= entry.last:
+            return entry.delay
+        else:
+            streak = entry.streak + 1
+        delay = min(self.base * 2 ** min(streak - 1, _MAX_DOUBLINGS), self.cap)
+        self._entries[key] = _Entry(streak=streak, delay=delay, last=now)
+        return delay
+
+    # --- queries ---------------------------------------------------------------------
+
+    def in_backoff(self, key: str, now: float) -> float | None:
+        """Seconds left before the next attempt is allowed, or None when it may go now."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        remaining = entry.last + entry.delay - now
+        return remaining if remaining > 0 else None
+
+    def delay(self, key: str) -> float | None:
+        """The delay currently applying to ``key`` (for "back-off 20s ..." messages)."""
+        entry = self._entries.get(key)
+        return entry.delay if entry is not None else None
+
+    def streak(self, key: str) -> int:
+        entry = self._entries.get(key)
+        return entry.streak if entry is not None else 0
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # --- housekeeping --------------------------------------------------------------
+
+    def reset(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    def gc(self, live_prefixes: Iterable[str]) -> int:
+        """Forget every key not under one of ``live_prefixes``; return how many went.
+
+        A prefix matches the key itself or the keys below it at a ``/`` boundary, so
+        passing pod UIDs keeps ``"<uid>/<container>/<hash>"`` keys of those pods only.
+        """
+        heads: set[str] = set()
+        others: list[str] = []
+        for prefix in live_prefixes:
+            stripped = prefix.rstrip("/")
+            if not stripped:
+                continue
+            if "/" in stripped:
+                others.append(stripped)
+            else:
+                heads.add(stripped)
+
+        def alive(key: str) -> bool:
+            if key.split("/", 1)[0] in heads:
+                return True
+            return any(key == p or key.startswith(p + "/") for p in others)
+
+        dead = [key for key in self._entries if not alive(key)]
+        for key in dead:
+            del self._entries[key]
+        return len(dead)
+
+    def _knows_container(self, key: str) -> bool:
+        """Whether some spec hash of the same pod/container is remembered: then memory
+        is intact and a key without an entry really is a fresh spec."""
+        if "/" not in key:
+            return False
+        parent = key.rsplit("/", 1)[0] + "/"
+        return any(k.startswith(parent) for k in self._entries)

@@ -1,0 +1,215 @@
+"""The Docker Engine connection shared by the runtime and image services.
+
+One aiodocker client per engine, with:
+
+* no connection-pool limit: aiohttp's connectors cap a session at 100 connections by
+  default, which would queue the 101st concurrent call behind the others (the node
+  runs up to 110 pods whose workers call the engine independently). Docker serves
+  each connection separately, so an unbounded pool is what keeps a hung call for one
+  container from delaying the calls for the rest;
+* no aiohttp-level timeout: every call runs under its own ``asyncio.timeout`` deadline
+  chosen by the caller and raises RuntimeTimeout past it;
+* engine errors mapped onto the runtime contract: 404 -> NotFound, unreachable socket
+  -> RuntimeUnavailable, any other HTTP error -> EngineError (with ``status``).
+
+It uses aiodocker's request layer (``Docker._query``/``_query_json``), which every
+aiodocker sub-API is built on, because several endpoints we need (import from a tar,
+``wait?condition=``, filtered events) have no public helper in aiodocker 0.27.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiodocker
+import aiohttp
+from aiodocker.exceptions import DockerError
+
+from runtime.types import NotFound, RuntimeError_, RuntimeTimeout, RuntimeUnavailable
+
+DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
+# aiodocker reports a failed connection as a DockerError with this pseudo status.
+_CONNECT_FAILED = 900
+
+
+class EngineError(RuntimeError_):
+    """Docker answered with an HTTP error other than 404."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def resolve_docker_url(docker_url: str | None) -> str:
+    return docker_url or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_URL
+
+
+def make_docker_client(docker_url: str | None = None) -> aiodocker.Docker:
+    """An aiodocker client with an unbounded connection pool (see module docstring).
+
+    Must be called with a running event loop. The caller owns the connector too:
+    close it with :func:`close_docker_client`.
+    """
+    url = resolve_docker_url(docker_url)
+    connector: aiohttp.BaseConnector
+    if url.startswith("unix://"):
+        connector = aiohttp.UnixConnector(url[len("unix://") :], limit=0)
+        base = "http://docker"  # only composes URLs; the connector picks the socket
+    elif url.startswith(("tcp://", "http://")):
+        connector = aiohttp.TCPConnector(limit=0)
+        base = "http://" + url.split("://", 1)[1]
+    else:
+        raise ValueError(f"docker_url {url!r}: expected unix://PATH or tcp://HOST:PORT")
+    return aiodocker.Docker(url=base, connector=connector)
+
+
+async def close_docker_client(docker: aiodocker.Docker) -> None:
+    await docker.close()
+    # A connector we passed in is not closed by aiodocker.
+    await docker.connector.close()
+
+
+class Engine:
+    """Deadline-bounded, error-mapped calls to one Docker engine."""
+
+    def __init__(self, docker_url: str | None = None, *, call_timeout: float = 30.0) -> None:
+        if call_timeout <= 0:
+            raise ValueError(f"call_timeout must be positive, got {call_timeout!r}")
+        self.url = resolve_docker_url(docker_url)
+        self.call_timeout = call_timeout
+        self._docker: aiodocker.Docker | None = None
+        self._closed = False
+
+    @property
+    def docker(self) -> aiodocker.Docker:
+        """The aiodocker client (created on first use, inside the event loop)."""
+        if self._closed:
+            raise RuntimeUnavailable(f"Docker client for {self.url} is closed")
+        if self._docker is None:
+            self._docker = make_docker_client(self.url)
+        return self._docker
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._docker is not None:
+            docker, self._docker = self._docker, None
+            await close_docker_client(docker)
+
+    async def call(
+        self,
+        what: str,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        timeout: float | None = None,
+        ok_statuses: tuple[int, ...] = (),
+    ) -> Any:
+        """One JSON request under its own deadline (``timeout`` or ``call_timeout``).
+
+        ``what`` names the operation and object for error messages. HTTP statuses in
+        ``ok_statuses`` return None instead of raising.
+        """
+        deadline = self.call_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(deadline):
+                return await self.docker._query_json(
+                    path, method, params=dict(params) if params else None, data=body
+                )
+        except TimeoutError:
+            raise RuntimeTimeout(
+                f"{what}: Docker at {self.url} did not answer within {deadline:g}s"
+            ) from None
+        except DockerError as exc:
+            if exc.status in ok_statuses:
+                return None
+            raise self.translate(exc, what) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise RuntimeUnavailable(f"{what}: Docker at {self.url} unreachable: {exc}") from None
+
+    async def open_stream(
+        self,
+        what: str,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send a request and return the response once its headers arrived.
+
+        The deadline covers only getting the headers; the body is read by the caller
+        (who must ``close()`` the response) under whatever deadline it needs.
+        """
+        deadline = self.call_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(deadline):
+                return await self.docker._do_query(
+                    path,
+                    method,
+                    params=dict(params) if params else None,
+                    data=data,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(),
+                )
+        except TimeoutError:
+            raise RuntimeTimeout(
+                f"{what}: Docker at {self.url} did not answer within {deadline:g}s"
+            ) from None
+        except DockerError as exc:
+            raise self.translate(exc, what) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise RuntimeUnavailable(f"{what}: Docker at {self.url} unreachable: {exc}") from None
+
+    def translate(self, exc: DockerError, what: str) -> RuntimeError_:
+        message = str(exc.message).strip()
+        if exc.status == 404:
+            return NotFound(f"{what}: {message}")
+        if exc.status == _CONNECT_FAILED:
+            return RuntimeUnavailable(f"{what}: Docker at {self.url} unreachable: {message}")
+        return EngineError(exc.status, f"{what}: Docker error {exc.status}: {message}")
+
+
+async def iter_json_lines(
+    response: aiohttp.ClientResponse, what: str
+) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of a Docker progress/event stream (one per line).
+
+    Raises RuntimeUnavailable when the connection breaks mid-stream; returns at a
+    clean end of stream. In-band ``error`` objects are yielded for the caller to judge.
+    """
+    try:
+        while True:
+            line = await response.content.readline()
+            if not line:
+                return
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                raise RuntimeUnavailable(
+                    f"{what}: Docker sent a malformed stream line: {line[:200]!r}"
+                ) from None
+            if isinstance(obj, dict):
+                yield obj
+    except (aiohttp.ClientError, OSError) as exc:
+        raise RuntimeUnavailable(f"{what}: stream from Docker broke: {exc}") from None
+
+
+def stream_error(obj: Mapping[str, Any]) -> str | None:
+    """The error message carried in-band by a progress-stream object, if any."""
+    detail = obj.get("errorDetail")
+    if isinstance(detail, dict) and detail.get("message"):
+        return str(detail["message"])
+    if obj.get("error"):
+        return str(obj["error"])
+    return None
