@@ -14,9 +14,10 @@ Crash consistency (kill -9 at any instant leaves a valid store):
   name exists, so it is exactly as exclusive as ``O_EXCL`` on the final name, but the
   name only ever appears with its full content. Two allocators therefore can never
   hand out the same address, and no reader ever sees a half-written owner.
-* The cursor and the network marker are replaced with write-temp + fsync + rename.
-* The directory is fsync'd after every name change. Leftover temp files from a crash
-  are removed when the store is opened.
+* The network marker is replaced with write-temp + fsync + rename; the cursor (only a
+  hint of where to search first) with write-temp + rename, without fsync.
+* The directory is fsync'd after every allocation or release, once. Leftover temp
+  files from a crash are removed when the store is opened.
 
 Every public method is thread-safe and process-safe (a threading lock plus an flock on
 ``lock``); all of them do blocking file I/O, so async callers use ``asyncio.to_thread``.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import ipaddress
 import os
 import secrets
@@ -45,6 +47,7 @@ NETWORK_FILE = "network"
 CURSOR_FILE = "last_reserved_ip"
 LOCK_FILE = "lock"
 TEMP_PREFIX = ".tmp-"
+_MAX_OWNER_FILE_BYTES = 4096
 
 
 class IPAMError(NetworkError):
@@ -117,6 +120,9 @@ class HostLocalIPAM:
                     continue
                 if self._reserve(candidate, owner):
                     self._write_cursor(candidate)
+                    # One directory fsync makes both the new address name and the
+                    # cursor's rename durable.
+                    _fsync_dir(self.state_dir)
                     log.debug("ipam.allocated", owner=owner, ip=str(candidate))
                     return candidate
             raise IPAMExhaustedError(
@@ -227,41 +233,54 @@ class HostLocalIPAM:
 
     def _read_allocations(self) -> dict[IPv4Address, str]:
         allocations: dict[IPv4Address, str] = {}
-        for name in os.listdir(self.state_dir):
-            ip = _parse_ip(name)
-            if ip is None or not self._allocatable(ip):
-                continue
-            owner = self._read_owner(self.state_dir / name)
-            if owner is not None:
-                allocations[ip] = owner
+        dir_fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name in os.listdir(dir_fd):
+                ip = _parse_ip(name)
+                if ip is None or not self._allocatable(ip):
+                    continue
+                owner = self._read_owner(name, dir_fd=dir_fd)
+                if owner is not None:
+                    allocations[ip] = owner
+        finally:
+            os.close(dir_fd)
         return allocations
 
     @staticmethod
-    def _read_owner(path: Path) -> str | None:
+    def _read_owner(path: Path | str, *, dir_fd: int | None = None) -> str | None:
+        # Plain fd I/O relative to the directory: this runs for every address on every
+        # allocation, and text file objects and path joins cost more than the read.
         try:
-            text = path.read_text()
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
         except FileNotFoundError:
             return None
-        owner = text.split("\n", 1)[0]
+        try:
+            data = os.read(fd, _MAX_OWNER_FILE_BYTES)
+        finally:
+            os.close(fd)
+        owner = data.split(b"\n", 1)[0].decode(errors="replace")
         if not owner:
             # Cannot come from this module (names appear with full content); keep the
             # address reserved rather than guess, and say so.
-            log.warning("ipam.unreadable_allocation", path=str(path))
-            return f"<unknown:{path.name}>"
+            name = os.path.basename(path)
+            log.warning("ipam.unreadable_allocation", address=name)
+            return f"<unknown:{name}>"
         return owner
 
     def _read_cursor(self) -> IPv4Address | None:
         try:
             ip = _parse_ip((self.state_dir / CURSOR_FILE).read_text().strip())
-        except FileNotFoundError:
+        except (FileNotFoundError, UnicodeDecodeError):
             return None
         if ip is None or not self._allocatable(ip):
             return None
         return ip
 
     def _write_cursor(self, ip: IPv4Address) -> None:
-        _atomic_write(self.state_dir / CURSOR_FILE, f"{ip}\n")
-        _fsync_dir(self.state_dir)
+        # The cursor is only a hint (which address to try first), so its content is
+        # not fsync'd: rename keeps it whole across kill -9, and if a power cut
+        # garbles it, _read_cursor falls back to the start of the range.
+        _atomic_write(self.state_dir / CURSOR_FILE, f"{ip}\n", durable=False)
 
     def _candidates(self, cursor: IPv4Address | None) -> Iterator[IPv4Address]:
         """All allocatable addresses, starting right after the cursor and wrapping."""
@@ -283,8 +302,7 @@ class HostLocalIPAM:
             return False
         finally:
             _unlink_missing_ok(temp)
-        _fsync_dir(self.state_dir)
-        return True
+        return True  # the caller fsyncs the directory
 
 
 # ---------------------------------------------------------------------- file helpers
@@ -297,29 +315,33 @@ def _validate_owner(owner: str) -> None:
         raise IPAMError(f"IPAM owner {owner!r} must be <= 253 chars without newlines or NULs")
 
 
+@functools.lru_cache(maxsize=8192)  # the same few hundred names, parsed on every scan
 def _parse_ip(name: str) -> IPv4Address | None:
+    if not name[:1].isdigit():
+        return None
     try:
         return IPv4Address(name)
     except ValueError:
         return None
 
 
-def _write_new_file(path: Path, content: str) -> None:
+def _write_new_file(path: Path, content: str, *, durable: bool = True) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         data = content.encode()
         written = 0
         while written < len(data):
             written += os.write(fd, data[written:])
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _atomic_write(path: Path, content: str) -> None:
+def _atomic_write(path: Path, content: str, *, durable: bool = True) -> None:
     temp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}")
     try:
-        _write_new_file(temp, content)
+        _write_new_file(temp, content, durable=durable)
         os.replace(temp, path)
     finally:
         _unlink_missing_ok(temp)

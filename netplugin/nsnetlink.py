@@ -46,6 +46,12 @@ def netns_id_of_fd(fd: int) -> NetnsId:
     return NetnsId(st.st_dev, st.st_ino)
 
 
+def process_netns_id() -> NetnsId:
+    """The namespace of this process (its main thread), where the host sockets live."""
+    st = os.stat("/proc/self/ns/net")
+    return NetnsId(st.st_dev, st.st_ino)
+
+
 def current_thread_netns_id() -> NetnsId:
     """The namespace of the calling thread (threads may differ from the process)."""
     st = os.stat("/proc/thread-self/ns/net")
@@ -116,8 +122,22 @@ class NetnsRoute:
         self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             self.id = netns_id_of_fd(self.fd)
+            if self.id == process_netns_id():
+                # Whatever the caller meant to do to "the pod's" links would hit the
+                # host's own (its eth0, say): refuse outright.
+                raise NetworkError(
+                    f"netns_path {self.path!r} is the host's own network namespace, not a pod's"
+                )
+            opening = asyncio.ensure_future(asyncio.to_thread(rtnl_socket_in_netns, self.fd))
             try:
-                self._socket = await asyncio.to_thread(rtnl_socket_in_netns, self.fd)
+                # Shielded: the thread cannot be stopped, so on cancellation the socket
+                # it still makes is closed when it arrives instead of leaking.
+                self._socket = await asyncio.shield(opening)
+            except asyncio.CancelledError:
+                # The thread still needs the fd: hand both over to the callback.
+                fd, self.fd = self.fd, -1
+                opening.add_done_callback(lambda done: _close_unclaimed(done, fd))
+                raise
             except OSError as exc:
                 raise NetworkError(
                     f"netns_path {self.path!r} is not a usable network namespace: {exc}"
@@ -150,3 +170,9 @@ class NetnsRoute:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def _close_unclaimed(opening: asyncio.Future[socket.socket], netns_fd: int) -> None:
+    os.close(netns_fd)
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()

@@ -7,16 +7,24 @@ Two ways to feed it, matching the two uses kubelet has for its back-off:
   restart: the caller re-records the newest dead instance on every sync (the call is
   idempotent on ``finished_at``) and, when the agent has no memory of the container at
   all, the streak of short-lived runs is derived from the instance's attempt number
-  instead of starting again from zero.
+  instead of starting again from zero (``kill -9`` of the agent must not reset it).
 * ``record_failure`` for operations that fail at a point in time (image pulls).
 
-Kubelet semantics (``flowcontrol.Backoff`` as used by ``doBackOff``): after the first
-crash of a streak the container is restarted at once, then the delays are base, 2*base,
-4*base ... capped at ``cap`` (10 s, 20 s, 40 s ... 300 s). A container that ran at least
-``reset_after`` seconds ends the streak, so its next restart is immediate again.
-``immediate_first_restart=False`` delays the first restart by ``base`` too.
+Delays: after the exit that starts a streak the next start waits ``base``, then
+2*base, 4*base ... capped at ``cap`` (10 s, 20 s, 40 s ... 300 s). A container that ran
+at least ``reset_after`` seconds ends the streak, so its next delay is ``base`` again.
+
+Upstream kubelet (``flowcontrol.Backoff`` in ``doBackOff``) restarts the *first* crash
+of a streak at once and only then waits 10 s, 20 s ...; this project delays the first
+restart too (the node's contract, and its end-to-end test, expect gaps of base, 2*base,
+4*base between successive starts). ``immediate_first_restart=True`` gives kubelet's
+shape.
+
 Image pulls wait ``base`` after the first failure, doubling up to ``cap``; a failure
 more than ``reset_after`` after the previous one starts a new streak.
+
+Keys are ``"<pod uid>/..."`` (restarts: ``"<uid>/<container>/<spec hash>"``), which is
+what ``gc`` relies on.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ class Backoff:
         cap: float = 300.0,
         reset_after: float = 600.0,
         *,
-        immediate_first_restart: bool = True,
+        immediate_first_restart: bool = False,
     ) -> None:
         if base <= 0:
             raise ValueError(f"back-off base must be > 0, got {base}")
@@ -81,7 +89,8 @@ class Backoff:
         caller may pass the newest dead instance on every sync. ``attempt`` is that
         instance's attempt number (0 = first run); it is used only when nothing is known
         about the container, e.g. right after an agent restart: every run so far is then
-        assumed short-lived, which may overstate the delay but never forgets it.
+        assumed short-lived, which may overstate the delay (never beyond ``cap``) but
+        never forgets it.
         """
         entry = self._entries.get(key)
         if entry is not None and finished_at <= entry.last:
@@ -143,27 +152,14 @@ class Backoff:
     def reset(self, key: str) -> None:
         self._entries.pop(key, None)
 
-    def gc(self, live_prefixes: Iterable[str]) -> int:
-        """Forget every key not under one of ``live_prefixes``; return how many went.
-
-        A prefix matches the key itself or the keys below it at a ``/`` boundary, so
-        passing pod UIDs keeps ``"<uid>/<container>/<hash>"`` keys of those pods only.
-        """
-        heads: set[str] = set()
-        others: list[str] = []
-        for prefix in live_prefixes:
-            stripped = prefix.rstrip("/")
-            if not stripped:
-                continue
-            if "/" in stripped:
-                others.append(stripped)
-            else:
-                heads.add(stripped)
+    def gc(self, live_pod_uids: Iterable[str]) -> int:
+        """Forget every key that is not ``"<uid>/..."`` for one of ``live_pod_uids``;
+        return how many entries went."""
+        live = set(live_pod_uids)
 
         def alive(key: str) -> bool:
-            if key.split("/", 1)[0] in heads:
-                return True
-            return any(key == p or key.startswith(p + "/") for p in others)
+            head, sep, _rest = key.partition("/")
+            return bool(sep) and head in live
 
         dead = [key for key in self._entries if not alive(key)]
         for key in dead:

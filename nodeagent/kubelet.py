@@ -216,7 +216,14 @@ class Kubelet:
     ) -> float | None:
         uid = pod["metadata"]["uid"]
         specs = {c["name"]: c for _kind, c in iter_containers(pod)}
-        volume_paths = await self.volumes.setup(pod)
+        try:
+            volume_paths = await self.volumes.setup(pod)
+        except (ConfigError, OSError) as exc:
+            # Like kubelet: containers wait in ContainerCreating with the mount error.
+            log.warning("volume setup failed", pod=_fmt(pod), error=str(exc))
+            for start in to_start:
+                waiting[start.name] = ("ContainerCreating", f"MountVolume.SetUp failed: {exc}")
+            return 10.0
         pod_ip = await self._pod_ip(pod)
         requeue: float | None = None
         for start in to_start:

@@ -81,9 +81,9 @@ def _load_documents(path: Path, text: str) -> list[object]:
 
 
 def _is_image_error(err: FieldError) -> bool:
-    # An invalid image is reported the kubelet way, as the container's waiting reason
-    # InvalidImageName, instead of rejecting the whole pod.
-    return err.field.endswith(".image")
+    # An invalid (but present) image is reported the kubelet way, as the container's
+    # waiting reason InvalidImageName, instead of rejecting the whole pod.
+    return err.field.endswith(".image") and "Required value" not in err.message
 
 
 class ManifestSource:
@@ -253,7 +253,7 @@ class ManifestSource:
                 log.warning("invalid image reference; the container will wait with InvalidImageName",
                             file=where, field=e.field, error=e.message)
         meta = pod["metadata"]
-        ident = (meta["namespace"], meta["name"])
+        ident = (meta["namespace"], f"{meta['name']}-{self.node_name}")
         if blocking and ident in previous:
             for e in blocking:
                 self._error(state, ManifestError(where, e.field, e.message + " (keeping the previous version running)"))

@@ -76,12 +76,20 @@ async def close_docker_client(docker: aiodocker.Docker) -> None:
 class Engine:
     """Deadline-bounded, error-mapped calls to one Docker engine."""
 
-    def __init__(self, docker_url: str | None = None, *, call_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        docker_url: str | None = None,
+        *,
+        call_timeout: float = 30.0,
+        client: aiodocker.Docker | None = None,
+    ) -> None:
+        """``client``: use an existing aiodocker client (not closed by :meth:`close`)."""
         if call_timeout <= 0:
             raise ValueError(f"call_timeout must be positive, got {call_timeout!r}")
-        self.url = resolve_docker_url(docker_url)
+        self.url = client.docker_host if client is not None else resolve_docker_url(docker_url)
         self.call_timeout = call_timeout
-        self._docker: aiodocker.Docker | None = None
+        self._docker: aiodocker.Docker | None = client
+        self._owns_client = client is None
         self._closed = False
 
     @property
@@ -97,7 +105,8 @@ class Engine:
         self._closed = True
         if self._docker is not None:
             docker, self._docker = self._docker, None
-            await close_docker_client(docker)
+            if self._owns_client:
+                await close_docker_client(docker)
 
     async def call(
         self,

@@ -153,3 +153,8 @@ def parse_image_ref(text: str) -> ImageRef:
 def normalize_image(text: str) -> str:
     """Shorthand for ``parse_image_ref(text).normalize()``."""
     return parse_image_ref(text).normalize()
+
+
+def normalize(text: str) -> str:
+    """``busybox`` -> ``docker.io/library/busybox:latest``; raises InvalidImageName."""
+    return normalize_image(text)

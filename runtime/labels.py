@@ -22,10 +22,14 @@ POD_LABELS = "io.nodeagent.pod.labels"  # JSON object (sandboxes only)
 POD_ANNOTATIONS = "io.nodeagent.pod.annotations"  # JSON object (sandboxes only)
 SHARE_PID = "io.nodeagent.share-pid"  # "true" | "false" (sandboxes only)
 HOST_NETWORK = "io.nodeagent.host-network"  # "true" | "false" (sandboxes only)
+# The pod's cgroup parent, applied to the sandbox and to every container created in it.
+CGROUP_PARENT = "io.nodeagent.cgroup-parent"  # (sandboxes only; absent = Docker's default)
 
 TYPE_SANDBOX = "podsandbox"
 TYPE_CONTAINER = "container"
 SANDBOX_CONTAINER_NAME = "POD"
+KIND_SANDBOX = "sandbox"
+CONTAINER_KINDS = frozenset({"init", "sidecar", "app"})
 
 # Keys a ContainerConfig.labels entry may not override.
 RESERVED = frozenset(
@@ -44,5 +48,6 @@ RESERVED = frozenset(
         POD_ANNOTATIONS,
         SHARE_PID,
         HOST_NETWORK,
+        CGROUP_PARENT,
     }
 )

@@ -1,0 +1,126 @@
+"""Let pod-to-pod traffic across the pod bridge through the host's iptables FORWARD chain.
+
+Why this exists: with ``br_netfilter`` loaded and ``net.bridge.bridge-nf-call-iptables=1``
+(as on every Docker host), frames *bridged* between two ports of our bridge are also run
+through iptables' FORWARD chain (as ``-i <bridge> -o <bridge>``), and Docker sets that
+chain's policy to DROP. Pods on the same bridge then cannot reach each other.
+
+The per-bridge option ``nf_call_iptables`` (IFLA_BR_NF_CALL_IPTABLES) does not help: the
+kernel runs the hooks when the global sysctl *or* the bridge option is on, so a bridge
+can only opt in, never out (checked on this host: with the option 0 the frames are still
+dropped). Turning the global sysctl off would change every bridge on the machine. So we
+own one iptables chain, ``NODEAGENT-PODNET``, jumped to from the top of FORWARD, holding
+one ACCEPT rule per pod bridge, matching only frames that both enter and leave that
+bridge. Nothing else is accepted: traffic leaving the node is not our business here.
+
+iptables has no netlink API of its own (under iptables-nft its rules are nftables rules
+in a private encoding), so the ``iptables`` tool is run -- asynchronously, and only from
+``start()``/``destroy()``, never per pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import structlog
+
+from netplugin.types import NetworkError
+
+log = structlog.get_logger(__name__)
+
+CHAIN = "NODEAGENT-PODNET"
+_JUMP = ["-m", "comment", "--comment", "nodeagent pod networks", "-j", CHAIN]
+_TIMEOUT_S = 20.0
+_LOCK_WAIT_S = "5"  # iptables -w: wait for the xtables lock instead of failing
+
+
+def bridge_rule(bridge: str) -> list[str]:
+    return [
+        "-i", bridge, "-o", bridge,
+        "-m", "comment", "--comment", f"nodeagent pod network {bridge}",
+        "-j", "ACCEPT",
+    ]
+
+
+def iptables_available() -> bool:
+    return shutil.which("iptables") is not None
+
+
+async def _iptables(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        "iptables", "-w", _LOCK_WAIT_S, "-t", "filter", *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), _TIMEOUT_S)
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, (out if proc.returncode == 0 else err).decode(errors="replace")
+
+
+async def _must(*args: str) -> str:
+    rc, text = await _iptables(*args)
+    if rc != 0:
+        raise NetworkError(f"iptables {' '.join(args)} failed (exit {rc}): {text.strip()}")
+    return text
+
+
+async def _ensure_chain() -> None:
+    rc, _ = await _iptables("-S", CHAIN)
+    if rc != 0:
+        rc, text = await _iptables("-N", CHAIN)
+        if rc != 0 and "exists" not in text:
+            raise NetworkError(f"iptables -N {CHAIN} failed (exit {rc}): {text.strip()}")
+    rc, _ = await _iptables("-C", "FORWARD", *_JUMP)
+    if rc != 0:
+        await _must("-I", "FORWARD", "1", *_JUMP)
+        log.info("iptables FORWARD jump added", chain=CHAIN)
+
+
+async def ensure_bridge_forwarding(bridge: str) -> bool:
+    """Make sure frames bridged between ports of ``bridge`` pass FORWARD; idempotent.
+
+    Returns False (and logs) when the host has no ``iptables`` tool, in which case
+    nothing could have installed a DROP policy through it either.
+    """
+    if not iptables_available():
+        log.warning("iptables not found; not managing FORWARD for the pod bridge", bridge=bridge)
+        return False
+    await _ensure_chain()
+    rc, _ = await _iptables("-C", CHAIN, *bridge_rule(bridge))
+    if rc != 0:
+        await _must("-A", CHAIN, *bridge_rule(bridge))
+        log.info("pod bridge forwarding allowed", bridge=bridge, chain=CHAIN)
+    return True
+
+
+async def remove_bridge_forwarding(bridge: str) -> None:
+    """Delete ``bridge``'s rule (every copy of it); idempotent."""
+    if not iptables_available():
+        return
+    while (await _iptables("-D", CHAIN, *bridge_rule(bridge)))[0] == 0:
+        pass
+
+
+async def bridges_with_rules() -> set[str]:
+    """Bridges that have a rule of ours in the chain."""
+    if not iptables_available():
+        return set()
+    rc, text = await _iptables("-S", CHAIN)
+    if rc != 0:
+        return set()
+    found = set()
+    for line in text.splitlines():
+        words = line.split()
+        if words[:2] != ["-A", CHAIN] or "-i" not in words or "-o" not in words:
+            continue
+        inbound = words[words.index("-i") + 1]
+        if words[words.index("-o") + 1] == inbound and f"network {inbound}\"" in line:
+            found.add(inbound)
+    return found

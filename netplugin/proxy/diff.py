@@ -1,0 +1,229 @@
+"""From desired fragments to the operations of one transaction (pure, no kernel).
+
+``AppliedState`` remembers what the last successful transaction installed: every
+fragment by owner, and for every map/set element the owners that claim it (first claim
+wins; later ones wait, reported as conflicts). ``transition`` compares new fragments of
+some owners with the applied ones and returns a ``Plan`` that changes only what changed
+plus the state to adopt once the kernel accepted it. ``full_plan`` rewrites everything
+(start, periodic resync, after a failure) and removes leftovers it is told about.
+
+Operation order inside one batch (the kernel checks references as it goes):
+sets and chains are created first, chains are flushed before their rules are re-added,
+elements are removed before they are re-added, and chains/sets are deleted last, once
+nothing refers to them any more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable
+
+from .ruleset import Chain, ElementKey, ElementValue, Fragment, SetSpec
+from .stmts import Rule
+
+Owner = Hashable
+_ABSENT = object()
+
+
+class NeedsRecreate(Exception):
+    """An object changed in a way the kernel cannot update in place (a set's type, a
+    base chain's hook): only a full resync that recreates the table can apply it."""
+
+
+@dataclass
+class Plan:
+    destroy_table: bool = False
+    ensure_table: bool = False
+    new_sets: list[SetSpec] = field(default_factory=list)
+    new_chains: list[Chain] = field(default_factory=list)
+    flush_chains: list[str] = field(default_factory=list)
+    flush_sets: list[str] = field(default_factory=list)
+    del_elements: dict[str, list[ElementKey]] = field(default_factory=dict)
+    rules: list[tuple[str, tuple[Rule, ...]]] = field(default_factory=list)
+    add_elements: dict[str, list[tuple[ElementKey, ElementValue]]] = field(default_factory=dict)
+    del_chains: list[str] = field(default_factory=list)
+    del_sets: list[str] = field(default_factory=list)
+    set_specs: dict[str, SetSpec] = field(default_factory=dict)  # for encoding element keys
+
+    def is_empty(self) -> bool:
+        return not (self.destroy_table or self.ensure_table or self.new_sets or self.new_chains
+                    or self.flush_chains or self.flush_sets or self.del_elements or self.rules
+                    or self.add_elements or self.del_chains or self.del_sets)
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "chains_added": len(self.new_chains),
+            "chains_rewritten": len(self.flush_chains) - len(self.del_chains),
+            "chains_deleted": len(self.del_chains),
+            "rules": sum(len(rules) for _, rules in self.rules),
+            "elements_added": sum(len(v) for v in self.add_elements.values()),
+            "elements_deleted": sum(len(v) for v in self.del_elements.values()),
+            "sets_added": len(self.new_sets),
+            "sets_deleted": len(self.del_sets),
+        }
+
+
+@dataclass(frozen=True)
+class Conflict:
+    owner: Owner
+    set_name: str
+    key: ElementKey
+    holder: Owner
+
+
+@dataclass
+class Transition:
+    plan: Plan
+    fragments: dict[Owner, Fragment | None]  # owner -> new fragment (None: removed)
+    claims: dict[tuple[str, ElementKey], list[tuple[Owner, ElementValue]]]  # touched keys
+    conflicts: list[Conflict]
+
+
+@dataclass
+class AppliedState:
+    fragments: dict[Owner, Fragment] = field(default_factory=dict)
+    claims: dict[tuple[str, ElementKey], list[tuple[Owner, ElementValue]]] = field(default_factory=dict)
+
+    def adopt(self, transition: Transition) -> None:
+        for owner, frag in transition.fragments.items():
+            if frag is None:
+                self.fragments.pop(owner, None)
+            else:
+                self.fragments[owner] = frag
+        for key, holders in transition.claims.items():
+            if holders:
+                self.claims[key] = holders
+            else:
+                self.claims.pop(key, None)
+
+    def effective_elements(self) -> dict[tuple[str, ElementKey], ElementValue]:
+        return {key: holders[0][1] for key, holders in self.claims.items() if holders}
+
+    def chains(self) -> dict[str, Chain]:
+        out: dict[str, Chain] = {}
+        for frag in self.fragments.values():
+            out.update(frag.chains)
+        return out
+
+    def sets(self) -> dict[str, SetSpec]:
+        out: dict[str, SetSpec] = {}
+        for frag in self.fragments.values():
+            out.update(frag.sets)
+        return out
+
+
+def transition(state: AppliedState, updates: dict[Owner, Fragment | None]) -> Transition:
+    plan = Plan()
+    touched: dict[tuple[str, ElementKey], list[tuple[Owner, ElementValue]]] = {}
+    conflicts: list[Conflict] = []
+    all_specs = state.sets()
+
+    def holders_of(key: tuple[str, ElementKey]) -> list[tuple[Owner, ElementValue]]:
+        if key not in touched:
+            touched[key] = list(state.claims.get(key, ()))
+        return touched[key]
+
+    for owner, new in updates.items():
+        old = state.fragments.get(owner)
+        old_chains = old.chains if old else {}
+        new_chains = new.chains if new else {}
+        for name, chain in new_chains.items():
+            prev = old_chains.get(name)
+            if prev is None:
+                plan.new_chains.append(chain)
+                plan.rules.append((name, chain.rules))
+            elif prev != chain:
+                if prev.hook != chain.hook:
+                    raise NeedsRecreate(f"chain {name} changed its hook")
+                plan.flush_chains.append(name)
+                plan.rules.append((name, chain.rules))
+        for name in old_chains.keys() - new_chains.keys():
+            plan.flush_chains.append(name)
+            plan.del_chains.append(name)
+
+        old_sets = old.sets if old else {}
+        new_sets = new.sets if new else {}
+        for name, spec in new_sets.items():
+            prev_spec = old_sets.get(name)
+            if prev_spec is None:
+                plan.new_sets.append(spec)
+            elif prev_spec != spec:
+                raise NeedsRecreate(f"set {name} changed its type")
+            all_specs[name] = spec
+        for name in old_sets.keys() - new_sets.keys():
+            plan.del_sets.append(name)
+
+        old_elements = old.elements if old else {}
+        new_elements = new.elements if new else {}
+        for key in old_elements.keys() | new_elements.keys():
+            was = old_elements.get(key, _ABSENT)
+            now = new_elements.get(key, _ABSENT)
+            if was == now:
+                continue
+            holders = holders_of(key)
+            mine = next((i for i, h in enumerate(holders) if h[0] == owner), None)
+            if now is _ABSENT:
+                if mine is not None:
+                    del holders[mine]
+                continue
+            others = [h for i, h in enumerate(holders) if i != mine]
+            if any(h[1] != now for h in others):
+                conflicts.append(Conflict(owner, key[0], key[1], others[0][0]))
+            if mine is None:
+                holders.append((owner, now))
+            else:
+                holders[mine] = (owner, now)
+
+    for key, holders in touched.items():
+        before = state.claims.get(key)
+        was = before[0][1] if before else _ABSENT
+        now = holders[0][1] if holders else _ABSENT
+        if was is now or was == now:
+            continue
+        set_name, element_key = key
+        if was is not _ABSENT:
+            plan.del_elements.setdefault(set_name, []).append(element_key)
+        if now is not _ABSENT:
+            plan.add_elements.setdefault(set_name, []).append((element_key, now))
+    plan.set_specs = all_specs
+    return Transition(plan, dict(updates), touched, conflicts)
+
+
+def preview(state: AppliedState, trans: Transition) -> AppliedState:
+    """The state as it would be after ``trans`` (shallow copies; for full plans)."""
+    after = AppliedState(dict(state.fragments), dict(state.claims))
+    after.adopt(trans)
+    return after
+
+
+def full_plan(state: AppliedState, existing_chains: set[str] | None,
+              existing_sets: set[str] | None, recreate: bool = False) -> Plan:
+    """Everything in ``state``, written over whatever the kernel has.
+
+    ``existing_*``: what the table holds now (None when it does not exist). Chains are
+    flushed and refilled, static sets flushed and refilled, dynamic (affinity) sets
+    kept with their contents, leftovers flushed and deleted. With ``recreate`` the
+    table is destroyed and rebuilt inside the same transaction instead.
+    """
+    plan = Plan()
+    chains = state.chains()
+    sets = state.sets()
+    plan.set_specs = sets
+    if recreate:
+        plan.destroy_table = True
+        existing_chains, existing_sets = set(), set()
+    plan.ensure_table = True
+    existing_chains = existing_chains or set()
+    existing_sets = existing_sets or set()
+    plan.new_sets = list(sets.values())
+    plan.new_chains = list(chains.values())
+    plan.flush_chains = [name for name in chains if name in existing_chains]
+    stale_chains = sorted(existing_chains - chains.keys())
+    plan.flush_chains += stale_chains
+    plan.flush_sets = [name for name, spec in sets.items() if not spec.dynamic and name in existing_sets]
+    plan.rules = [(name, chain.rules) for name, chain in chains.items()]
+    for (set_name, key), value in state.effective_elements().items():
+        plan.add_elements.setdefault(set_name, []).append((key, value))
+    plan.del_chains = stale_chains
+    plan.del_sets = sorted(name for name in existing_sets - sets.keys() if not name.startswith("__"))
+    return plan

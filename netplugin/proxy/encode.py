@@ -1,0 +1,119 @@
+"""Plan -> one nfnetlink batch (pure: bytes out, nothing sent)."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from functools import lru_cache
+
+from . import nfnl
+from .diff import Plan
+from .ruleset import ElementKey, ElementValue, SetSpec
+from .stmts import PROTO_NUMBERS, Rule, encode_rule, rule_text
+
+_FIELDS = {
+    "ipv4_addr": (nfnl.TYPE_IPADDR, 4),
+    "inet_proto": (nfnl.TYPE_INET_PROTOCOL, 1),
+    "inet_service": (nfnl.TYPE_INET_SERVICE, 2),
+}
+_VERDICT_CODES = {"goto": nfnl.NFT_GOTO, "jump": nfnl.NFT_JUMP, "drop": nfnl.NF_DROP,
+                  "accept": nfnl.NF_ACCEPT, "return": nfnl.NFT_RETURN}
+
+
+def key_layout(key: tuple[str, ...]) -> tuple[int, int]:
+    """(nft datatype id, key length) of a set key; concatenations pad fields to 32 bits."""
+    if len(key) == 1:
+        return _FIELDS[key[0]]
+    kind = nfnl.concat_type(*(_FIELDS[f][0] for f in key))
+    return kind, sum((_FIELDS[f][1] + 3) & ~3 for f in key)
+
+
+@lru_cache(maxsize=65536)
+def _ip(value: str) -> bytes:
+    return ipaddress.IPv4Address(value).packed
+
+
+def encode_key(fields: tuple[str, ...], key: ElementKey) -> bytes:
+    concat = len(fields) > 1
+    out = []
+    for kind, value in zip(fields, key):
+        if kind == "ipv4_addr":
+            out.append(_ip(value))
+        elif kind == "inet_proto":
+            out.append(bytes((PROTO_NUMBERS[value], 0, 0, 0)) if concat else bytes((PROTO_NUMBERS[value],)))
+        elif kind == "inet_service":
+            out.append(struct.pack(">H", value) + (b"\0\0" if concat else b""))
+        else:  # pragma: no cover - SetSpec keys are fixed in ruleset.py
+            raise ValueError(f"unknown key field {kind}")
+    return b"".join(out)
+
+
+def encode_element(spec: SetSpec, key: ElementKey, value: ElementValue) -> bytes:
+    verdict = None
+    if value is not None:
+        verdict = (_VERDICT_CODES[value.kind], value.chain)
+    return nfnl.element(encode_key(spec.key, key), verdict)
+
+
+class _Context:
+    """Lets a statement add an anonymous verdict map ahead of its rule."""
+
+    def __init__(self, batch: nfnl.Batch, table: str) -> None:
+        self.batch = batch
+        self.table = table
+
+    def anonymous_vmap(self, elements: list[bytes], size: int) -> int:
+        set_id = self.batch.new_set(
+            self.table, "__map%d",
+            flags=nfnl.SET_F_ANONYMOUS | nfnl.SET_F_CONSTANT | nfnl.SET_F_MAP,
+            key_type=nfnl.TYPE_INTEGER, key_len=4, verdict_map=True, size=size,
+            key_byteorder=nfnl.BYTEORDER_HOST)
+        self.batch.set_elements(self.table, "__map%d", elements, set_id=set_id)
+        return set_id
+
+
+def _rule_what(chain: str, rule: Rule) -> str:
+    return f"add rule to chain {chain}: {rule_text(rule)}"
+
+
+def new_set(batch: nfnl.Batch, table: str, spec: SetSpec) -> None:
+    key_type, key_len = key_layout(spec.key)
+    flags = 0
+    if spec.verdict_map:
+        flags |= nfnl.SET_F_MAP
+    if spec.dynamic:
+        flags |= nfnl.SET_F_TIMEOUT | nfnl.SET_F_EVAL
+    byteorder = nfnl.BYTEORDER_BIG if len(spec.key) == 1 else 0
+    batch.new_set(table, spec.name, flags=flags, key_type=key_type, key_len=key_len,
+                  verdict_map=spec.verdict_map, key_byteorder=byteorder)
+
+
+def encode_plan(table: str, plan: Plan, first_seq: int = 1) -> nfnl.Batch:
+    batch = nfnl.Batch(first_seq=first_seq)
+    ctx = _Context(batch, table)
+    if plan.destroy_table:
+        batch.destroy_table(table)
+    if plan.ensure_table:
+        batch.new_table(table)
+    for spec in plan.new_sets:
+        new_set(batch, table, spec)
+    for chain in plan.new_chains:
+        batch.new_chain(table, chain.name, chain.hook)
+    for name in plan.flush_chains:
+        batch.flush_chain(table, name)
+    for name in plan.flush_sets:
+        batch.flush_set(table, name)
+    for set_name, keys in plan.del_elements.items():
+        fields = plan.set_specs[set_name].key
+        batch.set_elements(table, set_name, [nfnl.element(encode_key(fields, k)) for k in keys], delete=True)
+    for chain_name, rules in plan.rules:
+        for rule in rules:
+            batch.new_rule(table, chain_name, encode_rule(rule, ctx), (_rule_what, chain_name, rule))
+    for set_name, items in plan.add_elements.items():
+        spec = plan.set_specs[set_name]
+        batch.set_elements(table, set_name, [encode_element(spec, k, v) for k, v in items])
+    for name in plan.del_chains:
+        batch.delete_chain(table, name)
+    for name in plan.del_sets:
+        batch.delete_set(table, name)
+    return batch

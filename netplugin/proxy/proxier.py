@@ -1,0 +1,440 @@
+"""ServiceProxy: Services + EndpointSlices in, one nftables table out.
+
+Event handlers only record objects and mark their service dirty. The sync loop turns
+dirty services into fragments (pure), diffs them against what the kernel was last
+given, and applies the difference as one atomic nfnetlink batch on a dedicated worker
+thread. A failed batch changes nothing in the kernel; the services stay dirty and the
+next attempt is a full resync. Full resyncs also run at start, every
+``full_sync_period`` and when the table disappeared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import ipaddress
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+import structlog
+
+from . import conntrack
+from .diff import AppliedState, NeedsRecreate, Plan, Transition, full_plan, preview, transition
+from .encode import encode_plan
+from .kernel import NftError, NftSocket
+from .model import (
+    Endpoint,
+    HostPortMapping,
+    InvalidService,
+    ServiceError,
+    merge_endpoints,
+    parse_service,
+    service_key,
+    slice_endpoints,
+    slice_service,
+)
+from .ruleset import Fragment, ProxyConfig, global_fragment, normalize_host_port, service_fragment
+from .show import describe_state
+
+log = structlog.get_logger(__name__)
+
+GLOBAL = ("", "")  # owner key of the global fragment (no service has an empty name)
+TABLE_CHECK_PERIOD = 1.0
+MAX_BACKOFF = 30.0
+# Large transactions allocate millions of short-lived objects; the cyclic GC would
+# rescan every live fragment each time, so it is paused while one is built.
+GC_PAUSE_THRESHOLD = 20000
+
+T = TypeVar("T")
+
+
+class ProxySyncError(Exception):
+    """A sync did not reach the kernel; it will be retried as a full resync."""
+
+
+def _check_cidr(value: str, what: str) -> str:
+    try:
+        return str(ipaddress.IPv4Network(value, strict=False))
+    except ValueError as exc:
+        raise ValueError(f"{what}: {value!r} is not an IPv4 CIDR ({exc})") from None
+
+
+class ServiceProxy:
+    def __init__(
+        self,
+        *,
+        table: str = "nodeagent",
+        node_name: str,
+        node_ips: list[str],
+        cluster_cidr: str,
+        service_cidr: str = "10.96.0.0/12",
+        nodeport_range: tuple[int, int] = (30000, 32767),
+        min_sync_period: float = 1.0,
+        full_sync_period: float = 30.0,
+        netns: str | None = None,
+        pod_cidr: str | None = None,
+        cascade_limit: int = 32,
+    ) -> None:
+        if not table or len(table) > 255:
+            raise ValueError(f"table: {table!r} is not a valid nftables table name")
+        for ip in node_ips:
+            ipaddress.IPv4Address(ip)
+        self._config = ProxyConfig(
+            table=table,
+            node_name=node_name,
+            cluster_cidr=_check_cidr(cluster_cidr, "cluster_cidr"),
+            service_cidr=_check_cidr(service_cidr, "service_cidr"),
+            node_ips=tuple(node_ips),
+            pod_cidr=_check_cidr(pod_cidr, "pod_cidr") if pod_cidr else None,
+            cascade_limit=cascade_limit,
+        )
+        self._nodeport_range = tuple(nodeport_range)
+        self._min_sync_period = min_sync_period
+        self._full_sync_period = full_sync_period
+        self._netns = netns
+
+        self._services: dict[tuple[str, str], dict] = {}
+        self._slices: dict[tuple[str, str], dict[str, dict]] = {}
+        self._slice_owner: dict[tuple[str, str], tuple[str, str]] = {}
+        self._host_ports: list[HostPortMapping] = []
+        self._host_port_errors: list[str] = []
+        self._errors: dict[tuple[str, str], ServiceError] = {}
+        self._conflicts: list[str] = []
+
+        self._dirty: set[tuple[str, str]] = set()
+        self._global_dirty = True
+        self._needs_full = True
+        self._recreate = False
+        self._last_full = float("-inf")
+        self._state = AppliedState()
+
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nft-{table}")
+        self._sock: NftSocket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._lock: asyncio.Lock | None = None
+        self._event_lock = threading.Lock()
+        self.syncs = 0
+        self.full_syncs = 0
+        self.failures = 0
+        self.last_sync_seconds = 0.0
+
+    # ------------------------------------------------------------------ inputs
+
+    @property
+    def table(self) -> str:
+        return self._config.table
+
+    @property
+    def errors(self) -> list[ServiceError]:
+        """Services that are currently not programmed, and why."""
+        return sorted(self._errors.values(), key=lambda e: e.service)
+
+    def on_service(self, event: str, svc: dict) -> None:
+        key = service_key(svc)
+        with self._event_lock:
+            if event == "DELETED":
+                self._services.pop(key, None)
+            else:
+                self._services[key] = svc
+            self._dirty.add(key)
+        self._wake()
+
+    def on_endpoint_slice(self, event: str, slice_: dict) -> None:
+        meta = slice_.get("metadata") or {}
+        slice_id = (meta.get("namespace") or "default", meta.get("name") or "")
+        owner = slice_service(slice_)
+        with self._event_lock:
+            previous = self._slice_owner.pop(slice_id, None)
+            if previous is not None:
+                self._slices.get(previous, {}).pop(slice_id[1], None)
+                self._dirty.add(previous)
+            if event != "DELETED" and owner is not None:
+                self._slices.setdefault(owner, {})[slice_id[1]] = slice_
+                self._slice_owner[slice_id] = owner
+                self._dirty.add(owner)
+        if owner is None and event != "DELETED":
+            log.warning("endpoint slice without service label ignored", slice=f"{slice_id[0]}/{slice_id[1]}")
+        self._wake()
+
+    def set_host_ports(self, mappings: list[HostPortMapping]) -> None:
+        valid: list[HostPortMapping] = []
+        errors: list[str] = []
+        claimed: dict[tuple[str, str | None, int], HostPortMapping] = {}
+        for mapping in mappings:
+            try:
+                norm = normalize_host_port(mapping)
+            except ValueError as exc:
+                errors.append(f"hostPort {mapping}: {exc}")
+                continue
+            key = (norm.protocol, norm.host_ip, norm.host_port)
+            if key in claimed and claimed[key] != norm:
+                errors.append(f"hostPort {norm.protocol}/{norm.host_port} for {norm.pod_ip} "
+                              f"conflicts with {claimed[key].pod_ip}")
+                continue
+            if key not in claimed:
+                claimed[key] = norm
+                valid.append(norm)
+        for error in errors:
+            log.error("hostPort skipped", error=error)
+        with self._event_lock:
+            self._host_ports = valid
+            self._host_port_errors = errors
+            self._global_dirty = True
+        self._wake()
+
+    def _wake(self) -> None:
+        loop, event = self._loop, self._wakeup
+        if loop is None or event is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            event.set()
+        else:
+            loop.call_soon_threadsafe(event.set)
+
+    # ------------------------------------------------------------------ loop
+
+    def _bind_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop = loop
+            self._wakeup = asyncio.Event()
+            self._lock = asyncio.Lock()
+
+    async def run(self) -> None:
+        """Sync until cancelled. Cancellation leaves the installed rules in place."""
+        self._bind_loop()
+        assert self._wakeup is not None
+        failures = 0
+        last_attempt = float("-inf")
+        while True:
+            now = time.monotonic()
+            due_full = self._needs_full or now - self._last_full >= self._full_sync_period
+            if self._dirty or self._global_dirty or due_full:
+                delay = self._min_sync_period if failures == 0 else min(
+                    MAX_BACKOFF, self._min_sync_period * (2 ** failures))
+                wait = last_attempt + delay - now
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                last_attempt = time.monotonic()
+                try:
+                    await self._sync(full=due_full)
+                    failures = 0
+                except ProxySyncError:
+                    failures += 1
+                except Exception:
+                    failures += 1
+                    log.exception("proxy sync crashed; retrying", table=self.table)
+                continue
+            timeout = min(TABLE_CHECK_PERIOD, max(0.0, self._last_full + self._full_sync_period - now))
+            self._wakeup.clear()
+            if self._dirty or self._global_dirty:
+                continue
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except asyncio.TimeoutError:
+                if not await self._table_present():
+                    log.warning("proxy table vanished; resyncing", table=self.table)
+                    self._needs_full = True
+
+    async def sync_now(self) -> None:
+        """Apply pending changes now (a full sync if one is due). Raises ProxySyncError."""
+        self._bind_loop()
+        full = self._needs_full or time.monotonic() - self._last_full >= self._full_sync_period
+        if not full and not await self._table_present():
+            full = True
+        await self._sync(full=full)
+
+    async def full_resync(self) -> None:
+        self._bind_loop()
+        await self._sync(full=True)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _socket(self) -> NftSocket:
+        if self._sock is None:
+            self._sock = NftSocket(self._netns)
+        return self._sock
+
+    async def _table_present(self) -> bool:
+        try:
+            return await self._call(lambda: self._socket().table_exists(self.table))
+        except OSError as exc:
+            log.warning("cannot check the proxy table", error=str(exc))
+            return False
+
+    # ------------------------------------------------------------------ sync
+
+    async def _sync(self, full: bool) -> None:
+        assert self._lock is not None
+        async with self._lock:
+            with self._event_lock:
+                dirty, self._dirty = self._dirty, set()
+                global_dirty, self._global_dirty = self._global_dirty, False
+                services = {key: self._services.get(key) for key in dirty}
+                slices = {key: list(self._slices.get(key, {}).values()) for key in dirty}
+                host_ports = list(self._host_ports)
+            started = time.monotonic()
+            try:
+                await self._apply(dirty, services, slices, global_dirty, host_ports, full)
+            except BaseException as exc:
+                with self._event_lock:
+                    self._dirty |= dirty
+                    self._global_dirty |= global_dirty
+                self._needs_full = True
+                if isinstance(exc, (NftError, OSError, NeedsRecreate)):
+                    self.failures += 1
+                    if full:
+                        # a full sync that failed may have hit a table whose objects
+                        # cannot be updated in place: rebuild it from scratch next time
+                        self._recreate = True
+                    log.error("proxy sync failed; will retry with a full resync",
+                              table=self.table, full=full, error=str(exc))
+                    raise ProxySyncError(str(exc)) from exc
+                raise
+            self.last_sync_seconds = time.monotonic() - started
+
+    async def _apply(self, dirty: set[tuple[str, str]], services: dict, slices: dict,
+                     global_dirty: bool, host_ports: list[HostPortMapping], full: bool) -> None:
+        pause_gc = full or len(dirty) > 1000
+        gc_was_enabled = gc.isenabled()
+        if pause_gc:
+            gc.disable()
+        try:
+            updates: dict[Any, Fragment | None] = {}
+            for key in dirty:
+                updates[key] = self._build_service(key, services[key], slices[key])
+            if global_dirty or GLOBAL not in self._state.fragments:
+                updates[GLOBAL] = global_fragment(self._config, host_ports)
+            recreate = self._recreate
+            base = self._state
+            try:
+                trans = transition(base, updates)
+            except NeedsRecreate as exc:
+                log.warning("proxy table needs to be rebuilt", reason=str(exc))
+                full = recreate = True
+                base = AppliedState()
+                trans = transition(base, {**self._state.fragments, **updates})
+            old_views = {key: self._old_views(key) for key in updates if key != GLOBAL}
+            if full:
+                target = preview(base, trans)
+                summary = await self._call(self._write_full, target, recreate)
+                self._state = target
+            else:
+                summary = await self._call(self._write, trans.plan)
+                self._state.adopt(trans)
+        finally:
+            if pause_gc and gc_was_enabled:
+                gc.enable()
+        if full:
+            self._needs_full = False
+            self._recreate = False
+            self._last_full = time.monotonic()
+            self.full_syncs += 1
+        self.syncs += 1
+        self._report_conflicts(trans)
+        log.info("proxy synced", table=self.table, full=full, services=len(dirty), **summary)
+        await self._flush_conntrack(old_views, updates)
+
+    def _old_views(self, key: Any) -> list:
+        frag = self._state.fragments.get(key)
+        return frag.services if frag else []
+
+    def _build_service(self, key: tuple[str, str], svc: dict | None, slices: list[dict]) -> Fragment | None:
+        if svc is None:
+            self._errors.pop(key, None)
+            return None
+        try:
+            parsed = parse_service(svc, self._nodeport_range)  # type: ignore[arg-type]
+        except InvalidService as exc:
+            if self._errors.get(key) != exc.error:
+                log.error("service skipped", service=exc.error.service, field=exc.error.field,
+                          reason=exc.error.message)
+            self._errors[key] = exc.error
+            return None
+        self._errors.pop(key, None)
+        if not parsed.ports:
+            return None
+        groups: dict[tuple[str, str], list[list[Endpoint]]] = {}
+        for slice_ in slices:
+            for port_key, eps in slice_endpoints(slice_).items():
+                groups.setdefault(port_key, []).append(eps)
+        endpoints = {port_key: merge_endpoints(lists) for port_key, lists in groups.items()}
+        return service_fragment(self._config, parsed.ports, endpoints)
+
+    def _write(self, plan: Plan) -> dict[str, int]:
+        if plan.is_empty():
+            return plan.summary()
+        sock = self._socket()
+        batch = encode_plan(self.table, plan, sock.next_seq(0))
+        sock.next_seq(len(batch) + 2)
+        sock.send_batch(batch)
+        return plan.summary()
+
+    def _write_full(self, target: AppliedState, recreate: bool) -> dict[str, int]:
+        sock = self._socket()
+        names = None if recreate else sock.list_names(self.table)
+        chains, sets = names if names is not None else (None, None)
+        plan = full_plan(target, chains, sets, recreate=recreate)
+        return self._write(plan)
+
+    def _report_conflicts(self, trans: Transition) -> None:
+        for conflict in trans.conflicts:
+            log.error("service address already in use by another service; not programmed",
+                      service=_owner_name(conflict.owner), map=conflict.set_name,
+                      key=" . ".join(str(k) for k in conflict.key), held_by=_owner_name(conflict.holder))
+
+    async def _flush_conntrack(self, old_views: dict, updates: dict) -> None:
+        targets: list[conntrack.FlushTarget] = []
+        for key, old in old_views.items():
+            frag = updates.get(key)
+            targets += conntrack.stale_udp_targets(old, frag.services if frag else [])
+        if not targets:
+            return
+        try:
+            deleted = await self._call(conntrack.flush, targets, self._netns)
+            log.info("flushed stale UDP conntrack entries", table=self.table, count=deleted)
+        except Exception as exc:  # best effort: stale entries also time out by themselves
+            log.warning("conntrack cleanup failed", table=self.table, error=str(exc))
+
+    # ------------------------------------------------------------------ output
+
+    def describe(self) -> str:
+        return describe_state(self._config, self._state, self.errors, self._host_port_errors)
+
+    def close(self) -> None:
+        """Release the netlink socket and worker thread (rules stay installed)."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self._executor.submit(sock.close)
+        self._executor.shutdown(wait=True)
+
+
+def _owner_name(owner: Any) -> str:
+    if owner == GLOBAL:
+        return "hostPorts"
+    return f"{owner[0]}/{owner[1]}"
+
+
+async def cleanup(table: str = "nodeagent", netns: str | None = None) -> None:
+    """Remove everything the proxy installed: its table (and with it every chain, map
+    and set). Idempotent."""
+    from . import nfnl
+
+    def destroy() -> None:
+        sock = NftSocket(netns)
+        try:
+            batch = nfnl.Batch(first_seq=sock.next_seq(4))
+            batch.destroy_table(table)
+            sock.send_batch(batch)
+        finally:
+            sock.close()
+
+    await asyncio.to_thread(destroy)

@@ -1,0 +1,362 @@
+"""Rule statements: a tiny, hashable IR for nft rules.
+
+A rule is a tuple of statements. Statements compare by value, so the ruleset diff can
+tell whether a chain changed by comparing tuples, and each statement knows how to
+encode itself as nf_tables expressions and how it reads in ``nft`` syntax (the text
+matches what ``nft list table`` prints, which the kernel tests rely on).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Protocol
+
+from . import nfnl
+
+PROTO_NUMBERS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "sctp": 132}
+PROTO_NAMES = {number: name for name, number in PROTO_NUMBERS.items()}
+
+
+class EncodeContext(Protocol):
+    """What a statement may need from the batch it is encoded into (anonymous sets)."""
+
+    def anonymous_vmap(self, elements: list[bytes], size: int) -> int: ...
+
+
+class Stmt(Protocol):
+    def encode(self, ctx: EncodeContext) -> bytes: ...
+
+    def text(self) -> str: ...
+
+
+def _ip_bytes(ip: str) -> bytes:
+    return ipaddress.IPv4Address(ip).packed
+
+
+def _port_bytes(port: int) -> bytes:
+    return struct.pack(">H", port)
+
+
+_FIELD_OFFSET = {"saddr": 12, "daddr": 16}
+
+
+@lru_cache(maxsize=4096)
+def _prefix_match(field: str, cidr: str, negate: bool) -> bytes:
+    net = ipaddress.IPv4Network(cidr, strict=False)
+    op = nfnl.CMP_NEQ if negate else nfnl.CMP_EQ
+    offset = _FIELD_OFFSET[field]
+    plen = net.prefixlen
+    if plen == 0:
+        raise ValueError("a /0 match is not a match")
+    nbytes = (plen + 7) // 8
+    addr = net.network_address.packed[:nbytes]
+    load = nfnl.e_payload(nfnl.PAYLOAD_NETWORK, offset, nbytes)
+    if plen % 8 == 0:
+        return load + nfnl.e_cmp(op, addr)
+    mask = net.netmask.packed[:nbytes]
+    return load + nfnl.e_bitwise(nbytes, mask, b"\0" * nbytes) + nfnl.e_cmp(op, addr)
+
+
+@dataclass(frozen=True, slots=True)
+class IPMatch:
+    """``ip saddr 10.0.0.0/8`` / ``ip daddr != 1.2.3.4``"""
+
+    field: str
+    cidr: str
+    negate: bool = False
+
+    def encode(self, ctx: EncodeContext) -> bytes:
+        return _prefix_match(self.field, self.cidr, self.negate)
+
+    def text(self) -> str:
+        value = self.cidr[:-3] if self.cidr.endswith("/32") else self.cidr
+        return f"ip {self.field} {'!= ' if self.negate else ''}{value}"
+
+
+@dataclass(frozen=True, slots=True)
+class IPInSet:
+    """``ip daddr @cluster-ips``"""
+
+    field: str
+    set_name: str
+
+    def encode(self, ctx: EncodeContext) -> bytes:
+        return (nfnl.e_payload(nfnl.PAYLOAD_NETWORK, _FIELD_OFFSET[self.field], 4)
+                + nfnl.e_lookup(self.set_name))
+
+    def text(self) -> str:
+        return f"ip {self.field} @{self.set_name}"
+
+
+@dataclass(frozen=True, slots=True)
+class AddrPairInSet:
+    """``ip saddr . ip daddr @set``: used to spot hairpin traffic (source == DNAT target)."""
+
+    set_name: str
+
+    def encode(self, ctx: EncodeContext) -> bytes:
+        return (nfnl.e_payload(nfnl.PAYLOAD_NETWORK, 12, 4, nfnl.REG_1)
+                + nfnl.e_payload(nfnl.PAYLOAD_NETWORK, 16, 4, nfnl.REG32_01)
+                + nfnl.e_lookup(self.set_name))
+
+    def text(self) -> str:
+        return f"ip saddr . ip daddr @{self.set_name}"
+
+
+@dataclass(frozen=True, slots=True)
+class L4ProtoMatch:
+    proto: str
+
+    def encode(self, ctx: EncodeContext) -> bytes:
+        return _l4proto_match(self.proto)
+
+    def text(self) -> str:
+        return f"meta l4proto {self.proto}"
+
+
+@lru_cache(maxsize=8)
+def _l4proto_match(proto: str) -> bytes:
+    return (nfnl.e_meta_load(nfnl.META_L4PROTO)
+            + nfnl.e_cmp(nfnl.CMP_EQ, bytes((PROTO_NUMBERS[proto],))))
+
+
+@dataclass(frozen=True, slots=True)
+class FibLocal:
+    """``fib daddr type local`` (or saddr)."""
+
+    field: str
+
+    def encode(self, ctx: EncodeContext) -> bytes:
+        flags = nfnl.FIB_F_DADDR if self.field == "daddr" else nfnl.FIB_F_SADDR
+        return (nfnl.e_fib_addrtype(flags)
+                + nfnl.e_cmp(nfnl.CMP_EQ, struct.pack("=I", nfnl.RTN_LOCAL)))
+
+    def text(self) -> str:
+        return f"fib {self.field} type local"
+
+
+@dataclass(frozen=True, slots=True)
+class CtStateNew:
+    def encode(self, ctx: EncodeContext) -> bytes:
+        return (nfnl.e_ct_load(nfnl.CT_KEY_STATE)
+                + nfnl.e_bitwise(4, struct.pack("=I", nfnl.CT_STATE_NEW), b"\0" * 4)
+                + nfnl.e_cmp(nfnl.CMP_NEQ, b"\0" * 4))
+
+    def text(self) -> str:
+        return "ct state new"
+
+
+@dataclass(frozen=True, slots=True)
+class MarkUnset:
+    """``meta mark & BITS == 0``"""
+
+    bits: int
+
+    def encode(self, ctx: EncodeContext) -> bytes:
+        return (nfnl.e_meta_load(nfnl.META_MARK)
+                + nfnl.e_bitwise(4, struct.pack("=I", self.bits), b"\0" * 4)
+                + nfnl.e_cmp(nfnl.CMP_EQ, b"\0" * 4))
+
+    def text(self) -> str:
+        return f"meta mark & 0x{self.bits:08x} == 0x00000000"
+
+
+@dataclass(frozen=True, slots=True)
+class NumgenPick:
+    """``numgen random mod N 0``: true with probability 1/N (a fresh draw per rule)."""
+
+    modulus: int
+
+    def encode(self, ctx: EncodeContext) -> bytes:
+        return _numgen_pick(self.modulus)
+
+    def text(self) -> str:
+        return f"numgen random mod {self.modulus} 0"
+
+
+@lru_cache(maxsize=1024)
+def _numgen_pick(modulus: int) -> bytes:
+    return nfnl.e_numgen_random(modulus) + nfnl.e_cmp(nfnl.CMP_EQ, b"\0" * 4)
+
+
+# Vmap keys: what to load and into which 32-bit register of a concatenation.
+_KEY_LOADERS = {
+    "daddr": lambda reg: nfnl.e_payload(nfnl.PAYLOAD_NETWORK, 16, 4, reg),
+    "l4proto": lambda reg: nfnl.e_meta_load(nfnl.META_L4PROTO, reg),
+    "dport": lambda reg: nfnl.e_payload(nfnl.PAYLOAD_TRANSPORT, 2, 2, reg),
+}
+_KEY_TEXT = {"daddr": "ip daddr", "l4proto": "meta l4proto", "dport": "th dport"}
+_CONCAT_REGS = (nfnl.REG_1, nfnl.REG32_01, nfnl.REG32_02)
+
+
+@dataclass(frozen=True, slots=True)
+class Vmap:
+    """``ip daddr . meta l4proto . th dport vmap @service-ips``"""
+
+    keys: tuple[str, ...]
+    map_name: str
+
+    def encode(self, ctx: EncodeContext) -> bytes:
+        loads = b"".join(_KEY_LOADERS[key](_CONCAT_REGS[i]) for i, key in enumerate(self.keys))
+        return loads + nfnl.e_lookup(self.map_name, dreg=nfnl.REG_VERDICT)
+
+    def text(self) -> str:
+        return " . ".join(_KEY_TEXT[k] for k in self.keys) + f" vmap @{self.map_name}"
+
+
+@dataclass(frozen=True, slots=True)
+class NumgenVmap:
+    """``numgen random mod N vmap { 0 : goto a, 1 : goto b }`` with an anonymous map."""
+
+    targets: tuple[str, ...]
+
+    def encode(self, ctx: EncodeContext) -> bytes:
+        elements = [nfnl.element(struct.pack("=I", i), (nfnl.NFT_GOTO, chain))
+                    for i, chain in enumerate(self.targets)]
+        set_id = ctx.anonymous_vmap(elements, len(self.targets))
+        return (nfnl.e_numgen_random(len(self.targets))
+                + nfnl.e_lookup("__map%d", dreg=nfnl.REG_VERDICT, set_id=set_id))
+
+    def text(self) -> str:
+        inner = ", ".join(f"{i} : goto {chain}" for i, chain in enumerate(self.targets))
+        return f"numgen random mod {len(self.targets)} vmap {{ {inner} }}"
+
+
+_VERDICTS = {"accept": nfnl.NF_ACCEPT, "drop": nfnl.NF_DROP, "return": nfnl.NFT_RETURN,
+             "jump": nfnl.NFT_JUMP, "goto": nfnl.NFT_GOTO}
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    kind: str
+    chain: str | None = None
+
+    def encode(self, ctx: EncodeContext) -> bytes:
+        return _verdict(self.kind, self.chain)
+
+    def text(self) -> str:
+        return f"{self.kind} {self.chain}" if self.chain else self.kind
+
+
+@lru_cache(maxsize=65536)
+def _verdict(kind: str, chain: str | None) -> bytes:
+    return nfnl.e_verdict(_VERDICTS[kind], chain)
+
+
+@dataclass(frozen=True, slots=True)
+class MarkOr:
+    """``meta mark set meta mark | BITS``"""
+
+    bits: int
+
+    def encode(self, ctx: EncodeContext) -> bytes:
+        return _mark_update(self.bits, True)
+
+    def text(self) -> str:
+        return f"meta mark set meta mark | 0x{self.bits:08x}"
+
+
+@dataclass(frozen=True, slots=True)
+class MarkXor:
+    """``meta mark set meta mark ^ BITS`` (clears the bit once it was tested)."""
+
+    bits: int
+
+    def encode(self, ctx: EncodeContext) -> bytes:
+        return _mark_update(self.bits, False)
+
+    def text(self) -> str:
+        return f"meta mark set meta mark ^ 0x{self.bits:08x}"
+
+
+@lru_cache(maxsize=16)
+def _mark_update(bits: int, set_bits: bool) -> bytes:
+    mask = (0xFFFFFFFF & ~bits) if set_bits else 0xFFFFFFFF
+    return (nfnl.e_meta_load(nfnl.META_MARK)
+            + nfnl.e_bitwise(4, struct.pack("=I", mask), struct.pack("=I", bits))
+            + nfnl.e_meta_set(nfnl.META_MARK))
+
+
+@dataclass(frozen=True, slots=True)
+class Masquerade:
+    def encode(self, ctx: EncodeContext) -> bytes:
+        return nfnl.e_masquerade()
+
+    def text(self) -> str:
+        return "masquerade fully-random"
+
+
+@dataclass(frozen=True, slots=True)
+class DNAT:
+    """``meta l4proto tcp dnat to 10.0.0.1:80`` (the protocol match is part of it:
+    nft requires it to know the port offset)."""
+
+    proto: str
+    ip: str
+    port: int
+
+    def encode(self, ctx: EncodeContext) -> bytes:
+        return (_l4proto_match(self.proto)
+                + nfnl.e_immediate_data(_ip_bytes(self.ip), nfnl.REG_1)
+                + nfnl.e_immediate_data(_port_bytes(self.port), 2)
+                + nfnl.e_dnat(nfnl.REG_1, 2))
+
+    def text(self) -> str:
+        return f"meta l4proto {self.proto} dnat to {self.ip}:{self.port}"
+
+
+_REJECT_CODES = {"port-unreachable": nfnl.ICMP_PORT_UNREACH,
+                 "admin-prohibited": nfnl.ICMP_ADMIN_PROHIBITED}
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    code: str = "port-unreachable"
+
+    def encode(self, ctx: EncodeContext) -> bytes:
+        return nfnl.e_reject_icmp(_REJECT_CODES[self.code])
+
+    def text(self) -> str:
+        return "reject" if self.code == "port-unreachable" else f"reject with icmp {self.code}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateSaddr:
+    """``update @set { ip saddr timeout 3h }``: (re)arm the client's affinity entry."""
+
+    set_name: str
+    timeout_s: int
+
+    def encode(self, ctx: EncodeContext) -> bytes:
+        return (nfnl.e_payload(nfnl.PAYLOAD_NETWORK, 12, 4)
+                + nfnl.e_dynset_update(self.set_name, self.timeout_s * 1000))
+
+    def text(self) -> str:
+        return f"update @{self.set_name} {{ ip saddr timeout {format_duration(self.timeout_s)} }}"
+
+
+def format_duration(seconds: int) -> str:
+    """Seconds the way nft prints them (10800 -> 3h, 90 -> 1m30s)."""
+    if seconds == 0:
+        return "0s"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return "".join(parts)
+
+
+Rule = tuple  # tuple[Stmt, ...]
+
+
+def rule_text(rule: Rule) -> str:
+    return " ".join(stmt.text() for stmt in rule)
+
+
+def encode_rule(rule: Rule, ctx: EncodeContext) -> bytes:
+    return b"".join(stmt.encode(ctx) for stmt in rule)

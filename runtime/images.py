@@ -1,0 +1,160 @@
+"""ImageService over the Docker Engine: presence checks and pulls per pull policy.
+
+Pulls run under their own deadline (``pull_timeout``, not the runtime's call
+timeout), may carry registry credentials, and concurrent requests for the same
+reference share one pull (110 pods on one image pull it once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from runtime.docker import DockerRuntime
+from runtime.engine import EngineError, iter_json_lines, stream_error
+from runtime.imageref import ImageRef, parse_image_ref
+from runtime.types import (
+    ImageNeverPull,
+    ImagePullError,
+    NotFound,
+    PullPolicy,
+    RuntimeTimeout,
+    RuntimeUnavailable,
+)
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RegistryAuth:
+    """Credentials for one registry, sent to Docker as ``X-Registry-Auth``."""
+
+    username: str = ""
+    password: str = ""
+    identity_token: str = ""
+
+    def header(self, registry: str) -> str:
+        payload: dict[str, str] = {"serveraddress": registry}
+        if self.identity_token:
+            payload["identitytoken"] = self.identity_token
+        else:
+            payload["username"] = self.username
+            payload["password"] = self.password
+        return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
+
+
+class DockerImageService:
+    """ImageService sharing ``runtime``'s Docker client.
+
+    ``auths`` maps a registry host (``docker.io``, ``127.0.0.1:5000``) to credentials
+    used for every pull from it; ``ensure_image(..., auth=)`` overrides per call.
+    """
+
+    def __init__(
+        self,
+        runtime: DockerRuntime,
+        pull_timeout: float = 300.0,
+        auths: Mapping[str, RegistryAuth] | None = None,
+    ) -> None:
+        if pull_timeout <= 0:
+            raise ValueError(f"pull_timeout must be positive, got {pull_timeout!r}")
+        self.runtime = runtime
+        self.pull_timeout = pull_timeout
+        self.auths = dict(auths or {})
+        self._pulls: dict[tuple[str, RegistryAuth | None], asyncio.Task[str]] = {}
+
+    async def image_present(self, image: str) -> str | None:
+        ref = parse_image_ref(image)
+        return await self._inspect_id(str(ref), image)
+
+    async def ensure_image(
+        self, image: str, policy: PullPolicy, auth: RegistryAuth | None = None
+    ) -> str:
+        ref = parse_image_ref(image)  # InvalidImageName
+        policy = PullPolicy(policy)
+        if policy != PullPolicy.ALWAYS:
+            image_id = await self._inspect_id(str(ref), image)
+            if image_id is not None:
+                return image_id
+            if policy == PullPolicy.NEVER:
+                raise ImageNeverPull(
+                    f'Container image "{image}" is not present with pull policy of Never'
+                )
+        return await self._shared_pull(ref, image, auth)
+
+    # --- internals -----------------------------------------------------------------
+
+    async def _inspect_id(self, name: str, image: str) -> str | None:
+        try:
+            info = await self.runtime.engine.call(
+                f"inspect image {image!r}", "GET", f"images/{name}/json"
+            )
+        except NotFound:
+            return None
+        return str(info["Id"])
+
+    async def _shared_pull(self, ref: ImageRef, image: str, auth: RegistryAuth | None) -> str:
+        key = (ref.pull_reference(), auth)
+        task = self._pulls.get(key)
+        if task is None:
+            task = asyncio.create_task(self._pull(ref, image, auth), name=f"pull {image}")
+            self._pulls[key] = task
+            task.add_done_callback(lambda done: self._pull_finished(key, done))
+        # One waiter giving up (its pod was deleted) must not abort the others' pull.
+        return await asyncio.shield(task)
+
+    def _pull_finished(self, key: tuple[str, RegistryAuth | None], task: asyncio.Task[str]) -> None:
+        self._pulls.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter may have left already
+
+    async def _pull(self, ref: ImageRef, image: str, auth: RegistryAuth | None) -> str:
+        normalized = ref.normalized()
+        registry = normalized.registry or ""
+        params = {"fromImage": normalized.name, "tag": normalized.digest or normalized.tag or "latest"}
+        headers = {}
+        credentials = auth or self.auths.get(registry)
+        if credentials is not None:
+            headers["X-Registry-Auth"] = credentials.header(registry)
+        what = f"pull image {image!r}"
+        started = asyncio.get_running_loop().time()
+        log.info("pulling image", image=image, reference=ref.pull_reference())
+        try:
+            async with asyncio.timeout(self.pull_timeout):
+                response = await self.runtime.engine.open_stream(
+                    what, "POST", "images/create", params=params, headers=headers,
+                    timeout=self.pull_timeout,
+                )
+                try:
+                    async for message in iter_json_lines(response, what):
+                        error = stream_error(message)
+                        if error:
+                            raise ImagePullError(f"Failed to pull image {image!r}: {error}")
+                finally:
+                    response.close()
+        except TimeoutError:
+            raise ImagePullError(
+                f"Failed to pull image {image!r}: not finished within {self.pull_timeout:g}s"
+            ) from None
+        except RuntimeTimeout as exc:
+            raise ImagePullError(f"Failed to pull image {image!r}: {exc}") from None
+        except RuntimeUnavailable:
+            raise
+        except NotFound as exc:
+            raise ImagePullError(f"Failed to pull image {image!r}: {exc}") from None
+        except EngineError as exc:  # the engine or the registry said no
+            raise ImagePullError(f"Failed to pull image {image!r}: {exc}") from None
+        image_id = await self._inspect_id(ref.pull_reference(), image)
+        if image_id is None:
+            raise ImagePullError(f"Failed to pull image {image!r}: not present after the pull")
+        log.info("image pulled", image=image, image_id=image_id,
+                 seconds=round(asyncio.get_running_loop().time() - started, 3))
+        return image_id
+
+
+__all__ = ["DockerImageService", "RegistryAuth"]

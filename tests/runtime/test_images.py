@@ -1,0 +1,225 @@
+"""Image presence, pull policies, pulls from a local registry, and the pause image build."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+import warnings
+from pathlib import Path
+
+import pytest
+
+from runtime.docker import DockerRuntime
+from runtime.engine import iter_json_lines, stream_error
+from runtime.images import DockerImageService, RegistryAuth
+from runtime.pause_image import ensure_pause_image
+from runtime.types import (
+    ImageNeverPull,
+    ImagePullError,
+    InvalidImageName,
+    NotFound,
+    PullPolicy,
+)
+from tests.runtime.util import BUSYBOX, run_container, run_sandbox, wait_exited
+
+pytestmark = pytest.mark.docker
+
+REGISTRY_BINARY = "/usr/bin/docker-registry"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _registry_up(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1) as response:
+            return response.status == 200
+    except urllib.error.HTTPError as exc:
+        return exc.code == 401  # up, asking for credentials
+    except OSError:
+        return False
+
+
+def _htpasswd_line(user: str, password: str) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt  # stdlib until 3.13; glibc's libxcrypt does bcrypt
+    return f"{user}:{crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))}"
+
+
+@pytest.fixture
+def local_registry(request):
+    """A registry on 127.0.0.1:<free port> with temp storage; param: credentials or None."""
+    credentials: tuple[str, str] | None = getattr(request, "param", None)
+    workdir = Path(tempfile.mkdtemp(prefix="rt-registry-"))
+    port = _free_port()
+    config = {
+        "version": 0.1,
+        "log": {"level": "error", "accesslog": {"disabled": True}},
+        "storage": {"filesystem": {"rootdirectory": str(workdir / "data")},
+                    "delete": {"enabled": True}},
+        "http": {"addr": f"127.0.0.1:{port}", "secret": uuid.uuid4().hex},
+    }
+    if credentials:
+        (workdir / "htpasswd").write_text(_htpasswd_line(*credentials) + "\n")
+        config["auth"] = {"htpasswd": {"realm": "nodeagent-test", "path": str(workdir / "htpasswd")}}
+    (workdir / "config.yml").write_text(json.dumps(config))  # JSON is YAML
+    log = open(workdir / "registry.log", "wb")
+    process = subprocess.Popen([REGISTRY_BINARY, "serve", str(workdir / "config.yml")],
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while not _registry_up(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(
+                    f"docker-registry did not come up: {(workdir / 'registry.log').read_text()}")
+            time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+        subprocess.run(["rm", "-rf", str(workdir)], check=False)
+
+
+async def _push(runtime: DockerRuntime, source: str, repo: str, tag: str,
+                auth: RegistryAuth | None, registry: str) -> None:
+    await runtime.engine.call("tag", "POST", f"images/{source}/tag",
+                              params={"repo": repo, "tag": tag})
+    headers = {"X-Registry-Auth": (auth.header(registry) if auth else
+                                   base64.urlsafe_b64encode(b"{}").decode())}
+    response = await runtime.engine.open_stream("push", "POST", f"images/{repo}/push",
+                                                params={"tag": tag}, headers=headers)
+    try:
+        async for message in iter_json_lines(response, "push"):
+            assert stream_error(message) is None, message
+    finally:
+        response.close()
+
+
+async def _untag_everything_for(runtime: DockerRuntime, repo: str) -> None:
+    """Drop our tag and the repo digest the pull/push added to the shared busybox image."""
+    info = await runtime.engine.call("inspect", "GET", f"images/{BUSYBOX}/json")
+    refs = [r for r in info.get("RepoTags", []) + info.get("RepoDigests", [])
+            if r.startswith(repo + ":") or r.startswith(repo + "@")]
+    for ref in refs:
+        await runtime.engine.call("untag", "DELETE", f"images/{ref}", params={"noprune": "1"},
+                                  ok_statuses=(404, 409))
+
+
+async def test_never_pull_and_if_not_present(images):
+    absent = f"nodeagent-test/absent-{uuid.uuid4().hex[:8]}:1"
+    with pytest.raises(ImageNeverPull) as raised:
+        await images.ensure_image(absent, PullPolicy.NEVER)
+    assert str(raised.value) == f'Container image "{absent}" is not present with pull policy of Never'
+    assert raised.value.reason == "ErrImageNeverPull"
+    assert await images.image_present(absent) is None
+
+    present = await images.image_present(BUSYBOX)
+    assert present is not None and present.startswith("sha256:")
+    assert await images.ensure_image(BUSYBOX, PullPolicy.NEVER) == present
+    assert await images.ensure_image(BUSYBOX, PullPolicy.IF_NOT_PRESENT) == present
+    # Docker's normalized spelling names the same image.
+    assert await images.image_present("docker.io/library/busybox:1.35") == present
+
+
+@pytest.mark.parametrize("bad", [
+    "Busybox:1.35", "busybox:", "busybox@sha256:1234", "busy box", "", "-x/y", "a//b",
+    "busybox:" + "t" * 129, "registry.example.com:port/x",
+])
+async def test_invalid_image_names(images, bad):
+    for call in (images.ensure_image(bad, PullPolicy.IF_NOT_PRESENT),
+                 images.ensure_image(bad, PullPolicy.NEVER), images.image_present(bad)):
+        with pytest.raises(InvalidImageName) as raised:
+            await call
+        assert raised.value.reason == "InvalidImageName"
+
+
+async def test_pull_failure_is_an_image_pull_error(images):
+    port = _free_port()  # nothing listens there
+    with pytest.raises(ImagePullError) as raised:
+        await images.ensure_image(f"127.0.0.1:{port}/nothing/here:1", PullPolicy.IF_NOT_PRESENT)
+    assert raised.value.reason == "ErrImagePull"
+    assert f"127.0.0.1:{port}/nothing/here:1" in str(raised.value)
+
+
+async def test_pull_from_a_local_registry(runtime, images, local_registry):
+    repo = f"{local_registry}/busybox"
+    reference = f"{repo}:pulltest"
+    await _push(runtime, BUSYBOX, repo, "pulltest", None, local_registry)
+    try:
+        await runtime.engine.call("untag", "DELETE", f"images/{reference}", params={"noprune": "1"})
+        assert await images.image_present(reference) is None
+        with pytest.raises(ImageNeverPull):
+            await images.ensure_image(reference, PullPolicy.NEVER)
+
+        # Concurrent requests share one pull.
+        ids = await asyncio.gather(*(images.ensure_image(reference, PullPolicy.ALWAYS)
+                                     for _ in range(5)))
+        busybox_id = await images.image_present(BUSYBOX)
+        assert set(ids) == {busybox_id}
+        assert await images.image_present(reference) == busybox_id
+
+        # A container of the pulled image reports the pullable digest as its image ID.
+        sandbox = await run_sandbox(runtime)
+        container_id = await run_container(runtime, sandbox, "pulled", "exit 0", image=reference)
+        status = await wait_exited(runtime, container_id)
+        assert status.image == reference
+        assert status.image_id.startswith(f"docker-pullable://{repo}@sha256:")
+
+        with pytest.raises(ImagePullError, match="not found|unknown"):
+            await images.ensure_image(f"{repo}:no-such-tag", PullPolicy.IF_NOT_PRESENT)
+    finally:
+        await _untag_everything_for(runtime, repo)
+
+
+@pytest.mark.parametrize("local_registry", [("puller", "s3cret-pass")], indirect=True)
+async def test_pull_with_registry_credentials(runtime, images, local_registry):
+    repo = f"{local_registry}/private/busybox"
+    reference = f"{repo}:authtest"
+    auth = RegistryAuth(username="puller", password="s3cret-pass")
+    await _push(runtime, BUSYBOX, repo, "authtest", auth, local_registry)
+    try:
+        await runtime.engine.call("untag", "DELETE", f"images/{reference}", params={"noprune": "1"})
+        with pytest.raises(ImagePullError, match="(?i)auth|denied|credentials"):
+            await images.ensure_image(reference, PullPolicy.ALWAYS)
+        wrong = RegistryAuth(username="puller", password="wrong")
+        with pytest.raises(ImagePullError):
+            await images.ensure_image(reference, PullPolicy.ALWAYS, auth=wrong)
+        with_auth = DockerImageService(runtime, pull_timeout=60.0, auths={local_registry: auth})
+        assert await with_auth.ensure_image(reference, PullPolicy.ALWAYS) == \
+            await images.image_present(BUSYBOX)
+    finally:
+        await _untag_everything_for(runtime, repo)
+
+
+async def test_pause_image_is_built_when_missing(runtime):
+    image = f"nodeagent-test/pause:{uuid.uuid4().hex[:10]}"
+    try:
+        image_id = await ensure_pause_image(runtime.docker, image)
+        info = await runtime.engine.call("inspect", "GET", f"images/{image}/json")
+        assert info["Id"] == image_id
+        assert info["Config"]["Entrypoint"] == ["/pause"]
+        assert len(info["RootFS"]["Layers"]) == 1
+        assert info["Size"] < 2 * 1024 * 1024  # one static binary, nothing else
+        # Present now: no rebuild, same ID.
+        assert await ensure_pause_image(runtime.docker, image) == image_id
+    finally:
+        await runtime.engine.call("rmi", "DELETE", f"images/{image}", ok_statuses=(404, 409))
+    with pytest.raises(NotFound):
+        await runtime.engine.call("inspect", "GET", f"images/{image}/json")
