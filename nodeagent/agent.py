@@ -7,6 +7,7 @@ import socket
 import time
 from pathlib import Path
 
+import psutil
 import structlog
 
 from netplugin.podnet import BridgeNetwork
@@ -28,16 +29,22 @@ from nodeagent import __version__ as VERSION
 
 
 def detect_host_ip() -> str:
-    """The source address the kernel would use toward the default route.
+    """The first IPv4 address of the interface that holds the default route.
 
-    A UDP connect only consults the routing table; no packet is sent.
+    Read from /proc and psutil: a lookup only, nothing is sent.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.255", 9))
-            return s.getsockname()[0]
-        except OSError:
-            return "127.0.0.1"
+    try:
+        with open("/proc/net/route") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[1] == "00000000" and fields[7] == "00000000":
+                    for addr in psutil.net_if_addrs().get(fields[0], []):
+                        if addr.family == socket.AF_INET:
+                            return addr.address
+    except (OSError, StopIteration, IndexError):
+        pass
+    return "127.0.0.1"
 
 
 class Agent:
@@ -65,7 +72,9 @@ class Agent:
             images=self.images,
             network=self.network,
             volumes=self.volumes,
-            backoff=Backoff(base=settings.backoff_base, cap=settings.backoff_cap),
+            # kubelet restarts a crashed container at once the first time, then backs off.
+            backoff=Backoff(base=settings.backoff_base, cap=settings.backoff_cap,
+                            immediate_first_restart=True),
             pull_backoff=Backoff(base=settings.backoff_base, cap=settings.backoff_cap),
             sandbox_image=self._sandbox_image,
             host_ip=self.host_ip,
@@ -103,7 +112,8 @@ class Agent:
 
     def _on_manifests(self, snapshot: ManifestSnapshot) -> None:
         for uid, pod in snapshot.pods.items():
-            self.kubelet.set_desired(pod, snapshot.rejected.get(uid))
+            reason = snapshot.rejected.get(uid)
+            self.kubelet.set_desired(pod, ("InvalidManifest", reason) if reason else None)
             self.workers.update(pod)
         for uid in self._file_pods - set(snapshot.pods):
             record = self.kubelet.record(uid)

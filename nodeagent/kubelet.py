@@ -18,7 +18,8 @@ import structlog
 
 from netplugin.types import NetworkError, PodNetwork
 from nodeagent.backoff import Backoff
-from nodeagent.containerconfig import ConfigError, build_container_config
+from nodeagent.containerconfig import ConfigError, EnvSources, build_container_config
+from nodeagent.events import NORMAL, WARNING, EventSink, LogEventSink, container_field_path
 from nodeagent.podactions import compute_pod_actions, termination_order
 from nodeagent.podspec import iter_containers
 from nodeagent.podstatus import generate_pod_status
@@ -35,6 +36,7 @@ from runtime.types import (
     RuntimeError_,
     RuntimeService,
     RuntimeTimeout,
+    RuntimeUnavailable,
     SandboxConfig,
     SandboxState,
     SandboxStatus,
@@ -51,7 +53,9 @@ class PodRecord:
 
     pod: dict
     status: dict = field(default_factory=dict)
-    rejected: str | None = None
+    # (reason, message) when the node refuses to run the pod: an invalid manifest,
+    # or an admission failure such as OutOfcpu. The pod then goes to phase Failed.
+    rejected: tuple[str, str] | None = None
 
 
 def _now() -> float:
@@ -90,6 +94,8 @@ class Kubelet:
         sandbox_image: Callable[[], "asyncio.Future[str] | object"],
         host_ip: str,
         on_status: Callable[[str, dict], None] | None = None,
+        events: EventSink | None = None,
+        env_sources: EnvSources | None = None,
     ) -> None:
         self.node_name = node_name
         self.runtime = runtime
@@ -102,6 +108,9 @@ class Kubelet:
         self.host_ip = host_ip
         self.pods: dict[str, PodRecord] = {}
         self._on_status = on_status
+        self.events: EventSink = events or LogEventSink()
+        # configMap/secret lookups for env; None in standalone mode.
+        self.env_sources = env_sources
         # Image pull failures per (pod uid, container): reason shown until the retry.
         self._pull_failures: dict[tuple[str, str], tuple[str, str]] = {}
         self._start_times: dict[str, float] = {}
@@ -111,7 +120,7 @@ class Kubelet:
     def record(self, uid: str) -> PodRecord | None:
         return self.pods.get(uid)
 
-    def set_desired(self, pod: dict, rejected: str | None = None) -> None:
+    def set_desired(self, pod: dict, rejected: tuple[str, str] | None = None) -> None:
         uid = pod["metadata"]["uid"]
         record = self.pods.get(uid)
         if record is None:
@@ -131,7 +140,7 @@ class Kubelet:
         uid = pod["metadata"]["uid"]
         record = self.pods.get(uid)
         if record is not None and record.rejected:
-            self._set_status(uid, self._rejected_status(pod, record.rejected))
+            self._set_status(uid, self._rejected_status(pod, *record.rejected))
             return None
 
         sandboxes = await self.runtime.list_pod_sandboxes(uid)
@@ -142,6 +151,9 @@ class Kubelet:
             pod, sandboxes, containers, self.backoff, now, terminating=terminating
         )
         waiting: dict[str, tuple[str, str]] = dict(actions.waiting)
+        for name, (reason, message) in actions.waiting.items():
+            if reason == "CrashLoopBackOff":
+                self.events.event(pod, WARNING, "BackOff", f"Back-off restarting failed container {name}")
         requeue = actions.requeue_after
         self._start_times.setdefault(uid, now)
 
@@ -166,6 +178,7 @@ class Kubelet:
 
         for kill in actions.to_kill:
             log.info("killing container", pod=_fmt(pod), container=kill.name, reason=kill.reason)
+            self.events.event(pod, NORMAL, "Killing", f"Stopping container {kill.name}: {kill.message}")
             await self._stop_container(kill.container_id, _grace_period(pod, containers))
         for container_id in actions.to_remove:
             try:
@@ -214,79 +227,96 @@ class Kubelet:
     async def _start_containers(
         self, pod: dict, sandbox: SandboxStatus, to_start, waiting: dict[str, tuple[str, str]]
     ) -> float | None:
-        uid = pod["metadata"]["uid"]
         specs = {c["name"]: c for _kind, c in iter_containers(pod)}
         try:
             volume_paths = await self.volumes.setup(pod)
         except (ConfigError, OSError) as exc:
             # Like kubelet: containers wait in ContainerCreating with the mount error.
+            message = f"MountVolume.SetUp failed: {exc}"
             log.warning("volume setup failed", pod=_fmt(pod), error=str(exc))
+            self.events.event(pod, WARNING, "FailedMount", message)
             for start in to_start:
-                waiting[start.name] = ("ContainerCreating", f"MountVolume.SetUp failed: {exc}")
+                waiting[start.name] = ("ContainerCreating", message)
             return 10.0
         pod_ip = await self._pod_ip(pod)
         requeue: float | None = None
         for start in to_start:
-            container = specs[start.name]
-            image = container["image"]
-            pull_key = f"{uid}/{start.name}/{image}"
-            remaining = self.pull_backoff.in_backoff(pull_key, _now())
-            if remaining is not None:
-                reason, message = self._pull_failures.get((uid, start.name), ("ErrImagePull", ""))
-                waiting[start.name] = ("ImagePullBackOff", f'Back-off pulling image "{image}"' if reason != "ErrImageNeverPull" else message)
-                if reason in ("ErrImageNeverPull", "InvalidImageName"):
-                    waiting[start.name] = (reason, message)
-                requeue = remaining if requeue is None else min(requeue, remaining)
-                if start.kind != "app":
-                    break
+            problem = await self._start_one(pod, sandbox, specs[start.name], start, volume_paths, pod_ip)
+            if problem is None:
                 continue
-            try:
-                policy = PullPolicy(container.get("imagePullPolicy", "IfNotPresent"))
-                await self.images.ensure_image(image, policy)
-                self._pull_failures.pop((uid, start.name), None)
-            except ImageError as exc:
-                log.warning("image not available", pod=_fmt(pod), container=start.name,
-                            image=image, reason=exc.reason, error=str(exc))
-                waiting[start.name] = (exc.reason, str(exc))
-                self._pull_failures[(uid, start.name)] = (exc.reason, str(exc))
-                self.pull_backoff.record_failure(pull_key, _now())
-                delay = self.pull_backoff.in_backoff(pull_key, _now())
-                requeue = delay if requeue is None else min(requeue, delay or 0)
-                if start.kind != "app":
-                    break
-                continue
-            try:
-                config = build_container_config(
-                    pod, container, kind=start.kind, attempt=start.attempt,
-                    pod_ip=pod_ip, host_ip=self.host_ip, node_name=self.node_name,
-                    volume_paths=volume_paths,
-                )
-                config.labels[GRACE_PERIOD_LABEL] = str(pod["spec"].get("terminationGracePeriodSeconds", 30))
-            except ConfigError as exc:
-                waiting[start.name] = (getattr(exc, "reason", "CreateContainerConfigError"), str(exc))
-                requeue = 10.0 if requeue is None else min(requeue, 10.0)
-                if start.kind != "app":
-                    break
-                continue
-            try:
-                log.info("starting container", pod=_fmt(pod), container=start.name,
-                         kind=start.kind, attempt=start.attempt)
-                container_id = await self.runtime.create_container(sandbox, config)
-                await self.runtime.start_container(container_id)
-            except (CreateContainerError, RuntimeTimeout) as exc:
-                reason = "CreateContainerError"
-                waiting[start.name] = (reason, str(exc))
-                log.warning("container failed to start", pod=_fmt(pod), container=start.name, error=str(exc))
-                requeue = 10.0 if requeue is None else min(requeue, 10.0)
-                if start.kind != "app":
-                    break
-            except RuntimeError_ as exc:
-                # The process could not run (bad command...): Docker recorded the error
-                # on the container; the status shows it as terminated/ContainerCannotRun.
-                log.warning("container failed to run", pod=_fmt(pod), container=start.name, error=str(exc))
-                if start.kind != "app":
-                    break
+            reason, message, retry_in = problem
+            if reason:
+                waiting[start.name] = (reason, message)
+            if retry_in is not None:
+                requeue = retry_in if requeue is None else min(requeue, retry_in)
+            if start.kind != "app":
+                break  # init containers and sidecars start strictly in order
         return requeue
+
+    async def _start_one(
+        self, pod, sandbox, container, start, volume_paths, pod_ip
+    ) -> tuple[str, str, float | None] | None:
+        """Start one container; on failure return (waiting reason, message, retry in)."""
+        uid = pod["metadata"]["uid"]
+        image = container.get("image", "")
+        path = container_field_path(start.kind, start.name, pod)
+        pull_key = f"{uid}/{start.name}/{image}"
+        remaining = self.pull_backoff.in_backoff(pull_key, _now())
+        if remaining is not None:
+            reason, message = self._pull_failures.get((uid, start.name), ("ErrImagePull", ""))
+            if reason not in ("ErrImageNeverPull", "InvalidImageName"):
+                reason, message = "ImagePullBackOff", f'Back-off pulling image "{image}"'
+                self.events.event(pod, NORMAL, "BackOff", message, field_path=path)
+            return reason, message, remaining
+        try:
+            policy = PullPolicy(container.get("imagePullPolicy", "IfNotPresent"))
+            if policy == PullPolicy.ALWAYS or await self.images.image_present(image) is None:
+                self.events.event(pod, NORMAL, "Pulling", f'Pulling image "{image}"', field_path=path)
+                started = time.monotonic()
+                await self.images.ensure_image(image, policy)
+                self.events.event(pod, NORMAL, "Pulled",
+                                  f'Successfully pulled image "{image}" in {time.monotonic() - started:.3f}s',
+                                  field_path=path)
+            self._pull_failures.pop((uid, start.name), None)
+        except ImageError as exc:
+            log.warning("image not available", pod=_fmt(pod), container=start.name,
+                        image=image, reason=exc.reason, error=str(exc))
+            self.events.event(pod, WARNING, "Failed", str(exc), field_path=path)
+            self._pull_failures[(uid, start.name)] = (exc.reason, str(exc))
+            self.pull_backoff.record_failure(pull_key, _now())
+            return exc.reason, str(exc), self.pull_backoff.in_backoff(pull_key, _now())
+        try:
+            config = build_container_config(
+                pod, container, kind=start.kind, attempt=start.attempt,
+                pod_ip=pod_ip, host_ip=self.host_ip, node_name=self.node_name,
+                volume_paths=volume_paths, env_sources=self.env_sources,
+            )
+        except ConfigError as exc:
+            self.events.event(pod, WARNING, "Failed", f"Error: {exc}", field_path=path)
+            return exc.reason, str(exc), 10.0
+        config.labels[GRACE_PERIOD_LABEL] = str(pod["spec"].get("terminationGracePeriodSeconds", 30))
+        try:
+            log.info("starting container", pod=_fmt(pod), container=start.name,
+                     kind=start.kind, attempt=start.attempt)
+            container_id = await self.runtime.create_container(sandbox, config)
+            self.events.event(pod, NORMAL, "Created", f"Created container {start.name}", field_path=path)
+            await self.runtime.start_container(container_id)
+            self.events.event(pod, NORMAL, "Started", f"Started container {start.name}", field_path=path)
+        except (CreateContainerError, RuntimeTimeout) as exc:
+            log.warning("container failed to start", pod=_fmt(pod), container=start.name, error=str(exc))
+            self.events.event(pod, WARNING, "Failed", f"Error: {exc}", field_path=path)
+            return "CreateContainerError", str(exc), 10.0
+        except NotFound:
+            raise
+        except RuntimeError_ as exc:
+            if isinstance(exc, RuntimeUnavailable):
+                raise
+            # The process could not run (bad command...): Docker keeps the error on the
+            # container and the status shows it terminated with ContainerCannotRun.
+            log.warning("container failed to run", pod=_fmt(pod), container=start.name, error=str(exc))
+            self.events.event(pod, WARNING, "Failed", f"Error: {exc}", field_path=path)
+            return "", "", None
+        return None
 
     async def _pod_ip(self, pod: dict) -> str | None:
         if pod["spec"].get("hostNetwork"):
@@ -365,6 +395,10 @@ class Kubelet:
         if any(s.state == SandboxState.READY for s in sandboxes):
             ip = await self._pod_ip(pod)
             pod_ips = [ip] if ip else []
+        if not pod_ips and previous and previous.get("podIPs"):
+            # A finished pod's sandbox is gone, but like kubelet it keeps reporting
+            # the address it ran with.
+            pod_ips = [entry["ip"] for entry in previous["podIPs"]]
         status = generate_pod_status(
             pod, sandboxes, containers,
             waiting=waiting, pod_ips=pod_ips, host_ips=[self.host_ip],
@@ -380,14 +414,13 @@ class Kubelet:
         if self._on_status is not None:
             self._on_status(uid, status)
 
-    def _rejected_status(self, pod: dict, message: str) -> dict:
-        status = generate_pod_status(
+    def _rejected_status(self, pod: dict, reason: str, message: str) -> dict:
+        status = copy.deepcopy(generate_pod_status(
             pod, [], [], waiting={}, pod_ips=[], host_ips=[self.host_ip],
             previous=None, now=_now(), start_time=None,
-        )
-        status = copy.deepcopy(status)
+        ))
         status["phase"] = "Failed"
-        status["reason"] = "InvalidManifest"
+        status["reason"] = reason
         status["message"] = message
         return status
 

@@ -282,7 +282,7 @@ class _Planner:
             if name not in spec_names:
                 for c in instances:
                     if c.state in (ContainerState.RUNNING, ContainerState.UNKNOWN):
-                        self.kill(c, "NotInSpec", f"Container {name} is not in the pod spec")
+                        self.kill(c, "NotInSpec", f"container {name} is not in the pod spec")
                     self.remove(c.id)
                 continue
             current_seen = False
@@ -302,7 +302,7 @@ class _Planner:
                 elif c.state in (ContainerState.RUNNING, ContainerState.UNKNOWN):
                     # An older instance still running next to a newer one: only one
                     # instance of a container may run.
-                    self.kill(c, "Duplicate", f"Container {name} has a newer instance")
+                    self.kill(c, "Duplicate", f"container {name} has a newer instance")
 
     def purge_init_containers(self) -> None:
         """A new sandbox reruns init containers from the start: drop their instances."""
@@ -409,7 +409,7 @@ class _Planner:
                     elif not previously_initialized:
                         self.start_next_init(i + 1, sandbox_id)
                     if c.spec_hash and c.spec_hash != container_hash(spec):
-                        self.kill(c, "", f"Init container {spec['name']} definition changed")
+                        self.kill(c, "SpecChanged", f"spec of init container {spec['name']} changed; restarting it")
                         self.start(i, spec, kind, c)
                 # A regular init container is running: wait for it.
             elif is_dead(c):
@@ -425,7 +425,7 @@ class _Planner:
                 else:
                     self.start_next_init(i + 1, sandbox_id)
             else:  # unknown state: make sure it is gone before another instance runs
-                self.kill(c, "Unknown", f"Init container is in \"{c.state.value}\" state, try killing it before restart")
+                self.kill(c, "Unknown", f"init container {spec['name']} is in state {c.state.value}; stopping it before a restart")
                 if not sidecar and not restart_on_failure:
                     self.fail_pod()
                     return False
@@ -457,13 +457,13 @@ class _Planner:
             if c is None or c.state != ContainerState.RUNNING:
                 if self.should_restart(c):
                     if c is not None and c.state == ContainerState.UNKNOWN:
-                        self.kill(c, "Unknown", f"Container is in \"{c.state.value}\" state, try killing it before restart")
+                        self.kill(c, "Unknown", f"container {name} is in state {c.state.value}; stopping it before a restart")
                     self.start(1000 + index, spec, KIND_APP, c)
                     will_start += 1
                 continue
             if c.spec_hash and c.spec_hash != container_hash(spec):
                 # Restart regardless of the restart policy: the spec changed.
-                self.kill(c, "", f"Container {name} definition changed, will be restarted")
+                self.kill(c, "SpecChanged", f"spec of container {name} changed; restarting it")
                 self.start(1000 + index, spec, KIND_APP, c)
                 will_start += 1
                 continue

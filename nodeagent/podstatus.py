@@ -205,7 +205,7 @@ class _StatusBuilder:
                         last_state = {"terminated": {
                             "exitCode": 137,
                             "reason": "ContainerStatusUnknown",
-                            "message": "The container could not be located when the pod was deleted.  The container used to be Running",
+                            "message": "The container was running before and can no longer be found",
                         }}
                         if not self.deleting:
                             restart_count += 1
@@ -265,7 +265,7 @@ class _StatusBuilder:
             return {"terminated": {
                 "exitCode": 137,
                 "reason": "ContainerStatusUnknown",
-                "message": "The container could not be located when the pod was terminated",
+                "message": "The container was running before; the runtime no longer knows its state",
             }}
         # Created but not started, or unknown: waiting to run.
         return _waiting(self.default_reason)
@@ -413,9 +413,9 @@ def _pod_ready(
         kind = gate.get("conditionType") if isinstance(gate, dict) else None
         cond = by_type.get(kind)
         if cond is None:
-            messages.append(f'corresponding condition of pod readiness gate "{kind}" does not exist.')
+            messages.append(f'readiness gate "{kind}" has no condition yet')
         elif cond.get("status") != "True":
-            messages.append(f'the status of pod readiness gate "{kind}" is not "True", but {cond.get("status")}')
+            messages.append(f'readiness gate "{kind}" is {cond.get("status")}, not True')
     if messages:
         return "False", "ReadinessGatesNotReady", ", ".join(messages)
     return "True", "", ""

@@ -73,9 +73,10 @@ def can_lower_oom_score_adj() -> bool:
     bounding set, so our own capabilities are the best cheap guess.
     """
     try:
-        for line in open("/proc/self/status", encoding="ascii"):
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> _CAP_SYS_RESOURCE & 1)
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_RESOURCE & 1)
     except (OSError, ValueError):
         pass
     return True

@@ -6,5 +6,8 @@ Public API: ``ServiceProxy``, ``cleanup``, ``HostPortMapping``, ``PodRoutes``,
 
 from .model import HostPortMapping, ServiceError
 from .proxier import ProxySyncError, ServiceProxy, cleanup
+from .routes import PodRoutes
+from .standalone import StandaloneServices
 
-__all__ = ["HostPortMapping", "ServiceError", "ServiceProxy", "ProxySyncError", "cleanup"]
+__all__ = ["HostPortMapping", "PodRoutes", "ProxySyncError", "ServiceError", "ServiceProxy",
+           "StandaloneServices", "cleanup"]

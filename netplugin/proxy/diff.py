@@ -15,8 +15,9 @@ nothing refers to them any more.
 
 from __future__ import annotations
 
+from collections import ChainMap
 from dataclasses import dataclass, field
-from typing import Hashable
+from typing import Hashable, Mapping
 
 from .ruleset import Chain, ElementKey, ElementValue, Fragment, SetSpec
 from .stmts import Rule
@@ -43,7 +44,7 @@ class Plan:
     add_elements: dict[str, list[tuple[ElementKey, ElementValue]]] = field(default_factory=dict)
     del_chains: list[str] = field(default_factory=list)
     del_sets: list[str] = field(default_factory=list)
-    set_specs: dict[str, SetSpec] = field(default_factory=dict)  # for encoding element keys
+    set_specs: Mapping[str, SetSpec] = field(default_factory=dict)  # for encoding element keys
 
     def is_empty(self) -> bool:
         return not (self.destroy_table or self.ensure_table or self.new_sets or self.new_chains
@@ -83,13 +84,20 @@ class Transition:
 class AppliedState:
     fragments: dict[Owner, Fragment] = field(default_factory=dict)
     claims: dict[tuple[str, ElementKey], list[tuple[Owner, ElementValue]]] = field(default_factory=dict)
+    # every set of every fragment by name (to encode element keys without a full scan)
+    set_index: dict[str, SetSpec] = field(default_factory=dict)
 
     def adopt(self, transition: Transition) -> None:
         for owner, frag in transition.fragments.items():
+            old = self.fragments.get(owner)
+            if old is not None:
+                for name in old.sets:
+                    self.set_index.pop(name, None)
             if frag is None:
                 self.fragments.pop(owner, None)
             else:
                 self.fragments[owner] = frag
+                self.set_index.update(frag.sets)
         for key, holders in transition.claims.items():
             if holders:
                 self.claims[key] = holders
@@ -106,28 +114,25 @@ class AppliedState:
         return out
 
     def sets(self) -> dict[str, SetSpec]:
-        out: dict[str, SetSpec] = {}
-        for frag in self.fragments.values():
-            out.update(frag.sets)
-        return out
+        return dict(self.set_index)
 
 
-def transition(state: AppliedState, updates: dict[Owner, Fragment | None]) -> Transition:
+def transition(state: AppliedState, updates: dict[Owner, Fragment | None], *,
+               with_plan: bool = True) -> Transition:
+    """``with_plan=False``: only the new state (claims, conflicts) is needed because a
+    full plan will be written anyway; skips building the incremental operations."""
     plan = Plan()
     touched: dict[tuple[str, ElementKey], list[tuple[Owner, ElementValue]]] = {}
     conflicts: list[Conflict] = []
-    all_specs = state.sets()
+    new_specs: dict[str, SetSpec] = {}
 
-    def holders_of(key: tuple[str, ElementKey]) -> list[tuple[Owner, ElementValue]]:
-        if key not in touched:
-            touched[key] = list(state.claims.get(key, ()))
-        return touched[key]
+    claims = state.claims
 
     for owner, new in updates.items():
         old = state.fragments.get(owner)
         old_chains = old.chains if old else {}
         new_chains = new.chains if new else {}
-        for name, chain in new_chains.items():
+        for name, chain in (new_chains.items() if with_plan or old_chains else ()):
             prev = old_chains.get(name)
             if prev is None:
                 plan.new_chains.append(chain)
@@ -149,23 +154,23 @@ def transition(state: AppliedState, updates: dict[Owner, Fragment | None]) -> Tr
                 plan.new_sets.append(spec)
             elif prev_spec != spec:
                 raise NeedsRecreate(f"set {name} changed its type")
-            all_specs[name] = spec
+            new_specs[name] = spec
         for name in old_sets.keys() - new_sets.keys():
             plan.del_sets.append(name)
 
         old_elements = old.elements if old else {}
         new_elements = new.elements if new else {}
-        for key in old_elements.keys() | new_elements.keys():
-            was = old_elements.get(key, _ABSENT)
-            now = new_elements.get(key, _ABSENT)
-            if was == now:
+        for key, now in new_elements.items():
+            if old_elements.get(key, _ABSENT) == now:
                 continue
-            holders = holders_of(key)
+            holders = touched.get(key)
+            if holders is None:
+                existing = claims.get(key)
+                if existing is None:  # the common case: nobody else claims it
+                    touched[key] = [(owner, now)]
+                    continue
+                holders = touched[key] = list(existing)
             mine = next((i for i, h in enumerate(holders) if h[0] == owner), None)
-            if now is _ABSENT:
-                if mine is not None:
-                    del holders[mine]
-                continue
             others = [h for i, h in enumerate(holders) if i != mine]
             if any(h[1] != now for h in others):
                 conflicts.append(Conflict(owner, key[0], key[1], others[0][0]))
@@ -173,9 +178,16 @@ def transition(state: AppliedState, updates: dict[Owner, Fragment | None]) -> Tr
                 holders.append((owner, now))
             else:
                 holders[mine] = (owner, now)
+        for key in old_elements:
+            if key in new_elements:
+                continue
+            holders = touched.get(key)
+            if holders is None:
+                holders = touched[key] = list(claims.get(key, ()))
+            holders[:] = [h for h in holders if h[0] != owner]
 
-    for key, holders in touched.items():
-        before = state.claims.get(key)
+    for key, holders in (touched.items() if with_plan else ()):
+        before = claims.get(key)
         was = before[0][1] if before else _ABSENT
         now = holders[0][1] if holders else _ABSENT
         if was is now or was == now:
@@ -185,13 +197,13 @@ def transition(state: AppliedState, updates: dict[Owner, Fragment | None]) -> Tr
             plan.del_elements.setdefault(set_name, []).append(element_key)
         if now is not _ABSENT:
             plan.add_elements.setdefault(set_name, []).append((element_key, now))
-    plan.set_specs = all_specs
+    plan.set_specs = ChainMap(new_specs, state.set_index)
     return Transition(plan, dict(updates), touched, conflicts)
 
 
 def preview(state: AppliedState, trans: Transition) -> AppliedState:
     """The state as it would be after ``trans`` (shallow copies; for full plans)."""
-    after = AppliedState(dict(state.fragments), dict(state.claims))
+    after = AppliedState(dict(state.fragments), dict(state.claims), dict(state.set_index))
     after.adopt(trans)
     return after
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from functools import lru_cache
 
@@ -48,11 +49,43 @@ def encode_key(fields: tuple[str, ...], key: ElementKey) -> bytes:
     return b"".join(out)
 
 
+@lru_cache(maxsize=1 << 18)
+def _verdict_data(kind: str, chain: str | None) -> bytes:
+    return nfnl.verdict_data(2, _VERDICT_CODES[kind], chain)
+
+
+@lru_cache(maxsize=1024)
+def _proto_port(proto: str, port: int) -> bytes:
+    return bytes((PROTO_NUMBERS[proto], 0, 0, 0)) + struct.pack(">H", port) + b"\0\0"
+
+
+def _inet(ip: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET, ip)
+
+
+# the keys the ruleset uses, encoded without the generic per-field loop
+_FAST_KEYS = {
+    ("ipv4_addr", "inet_proto", "inet_service"): lambda k: _inet(k[0]) + _proto_port(k[1], k[2]),
+    ("inet_proto", "inet_service"): lambda k: _proto_port(k[0], k[1]),
+    ("ipv4_addr", "ipv4_addr"): lambda k: _inet(k[0]) + _inet(k[1]),
+    ("ipv4_addr",): lambda k: _inet(k[0]),
+}
+
+
 def encode_element(spec: SetSpec, key: ElementKey, value: ElementValue) -> bytes:
-    verdict = None
-    if value is not None:
-        verdict = (_VERDICT_CODES[value.kind], value.chain)
-    return nfnl.element(encode_key(spec.key, key), verdict)
+    fast = _FAST_KEYS.get(spec.key)
+    raw_key = fast(key) if fast is not None else encode_key(spec.key, key)
+    return nfnl.element_raw(raw_key, _verdict_data(value.kind, value.chain) if value is not None else b"")
+
+
+def encode_elements(spec: SetSpec, items: list[tuple[ElementKey, ElementValue]]) -> list[bytes]:
+    """Many elements of one set; the common shapes skip the generic per-element path."""
+    if spec.key == ("ipv4_addr", "ipv4_addr") and all(value is None for _, value in items):
+        # hairpin pairs: 8-byte key, no data; the framing is the same for every element
+        head = nfnl.element_raw(b"\0" * 8)[:-8]
+        pton, af = socket.inet_pton, socket.AF_INET
+        return [head + pton(af, a) + pton(af, b) for (a, b), _ in items]
+    return [encode_element(spec, key, value) for key, value in items]
 
 
 class _Context:
@@ -104,14 +137,15 @@ def encode_plan(table: str, plan: Plan, first_seq: int = 1) -> nfnl.Batch:
     for name in plan.flush_sets:
         batch.flush_set(table, name)
     for set_name, keys in plan.del_elements.items():
-        fields = plan.set_specs[set_name].key
-        batch.set_elements(table, set_name, [nfnl.element(encode_key(fields, k)) for k in keys], delete=True)
-    for chain_name, rules in plan.rules:
-        for rule in rules:
-            batch.new_rule(table, chain_name, encode_rule(rule, ctx), (_rule_what, chain_name, rule))
-    for set_name, items in plan.add_elements.items():
         spec = plan.set_specs[set_name]
-        batch.set_elements(table, set_name, [encode_element(spec, k, v) for k, v in items])
+        batch.set_elements(table, set_name, [encode_element(spec, k, None) for k in keys], delete=True)
+    table_attr = nfnl.strz(1, table)
+    for chain_name, rules in plan.rules:
+        head = table_attr + nfnl.strz(2, chain_name)
+        for rule in rules:
+            batch.new_rule_raw(head, encode_rule(rule, ctx), (_rule_what, chain_name, rule))
+    for set_name, items in plan.add_elements.items():
+        batch.set_elements(table, set_name, encode_elements(plan.set_specs[set_name], items))
     for name in plan.del_chains:
         batch.delete_chain(table, name)
     for name in plan.del_sets:

@@ -7,7 +7,7 @@ field, and can never produce a kernel error that would fail the batch for everyo
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 from dataclasses import dataclass, field
 
 DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds, core/v1 default for ClientIP affinity
@@ -76,8 +76,11 @@ class ServicePort:
         return bool(self.node_port or self.external_ips or self.load_balancer_ips)
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Endpoint:
+    """A value object (never mutated; not frozen only because 100,000 of them are made
+    per full sync of a large cluster and frozen dataclasses are 3x slower to build)."""
+
     ip: str
     port: int
     ready: bool = True
@@ -96,11 +99,22 @@ class ParsedService:
     ports: list[ServicePort] = field(default_factory=list)
 
 
-def _ipv4(value: object, service: str, where: str) -> str:
+def canonical_ipv4(value: object) -> str | None:
+    """Dotted-quad IPv4 address in canonical form, or None. (inet_pton is strict: no
+    shorthand like "10.1", no leading zeros; and it is much faster than ipaddress.)"""
+    if not isinstance(value, str):
+        return None
     try:
-        return str(ipaddress.IPv4Address(str(value)))
-    except (ipaddress.AddressValueError, ValueError):
+        return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, value))
+    except OSError:
+        return None
+
+
+def _ipv4(value: object, service: str, where: str) -> str:
+    ip = canonical_ipv4(value)
+    if ip is None:
         raise InvalidService(ServiceError(service, where, f"{value!r} is not an IPv4 address"))
+    return ip
 
 
 def _port(value: object, service: str, where: str) -> int:
@@ -212,11 +226,6 @@ def slice_service(slice_: dict) -> tuple[str, str] | None:
     return (meta.get("namespace") or "default", owner)
 
 
-def _condition(conditions: dict, name: str, default: bool) -> bool:
-    value = conditions.get(name)
-    return default if value is None else bool(value)
-
-
 def slice_endpoints(slice_: dict) -> dict[tuple[str, str], list[Endpoint]]:
     """Endpoints of one discovery.k8s.io/v1 EndpointSlice, keyed by (port name, protocol).
 
@@ -234,15 +243,16 @@ def slice_endpoints(slice_: dict) -> dict[tuple[str, str], list[Endpoint]]:
         eps = out.setdefault((port_spec.get("name") or "", proto), [])
         for ep in slice_.get("endpoints") or []:
             conditions = ep.get("conditions") or {}
-            ready = _condition(conditions, "ready", True)
-            serving = _condition(conditions, "serving", ready)
-            terminating = _condition(conditions, "terminating", False)
+            ready = conditions.get("ready")
+            ready = True if ready is None else bool(ready)
+            serving = conditions.get("serving")
+            serving = ready if serving is None else bool(serving)
+            terminating = bool(conditions.get("terminating"))
+            node = ep.get("nodeName")
             for address in ep.get("addresses") or []:
-                try:
-                    ip = str(ipaddress.IPv4Address(address))
-                except (ipaddress.AddressValueError, ValueError):
-                    continue
-                eps.append(Endpoint(ip, port, ready, serving, terminating, ep.get("nodeName")))
+                ip = canonical_ipv4(address)
+                if ip is not None:
+                    eps.append(Endpoint(ip, port, ready, serving, terminating, node))
     return out
 
 
@@ -256,6 +266,8 @@ def usable_endpoints(endpoints: list[Endpoint]) -> list[Endpoint]:
 
 def merge_endpoints(groups: list[list[Endpoint]]) -> list[Endpoint]:
     """Merge endpoints from several slices; one entry per ip:port, the best state wins."""
+    if len(groups) == 1 and len({(ep.ip, ep.port) for ep in groups[0]}) == len(groups[0]):
+        return sorted(groups[0], key=lambda ep: (socket.inet_pton(socket.AF_INET, ep.ip), ep.port))
     best: dict[tuple[str, int], Endpoint] = {}
     for group in groups:
         for ep in group:
@@ -263,7 +275,7 @@ def merge_endpoints(groups: list[list[Endpoint]]) -> list[Endpoint]:
             old = best.get(key)
             if old is None or _rank(ep) > _rank(old):
                 best[key] = ep
-    return sorted(best.values(), key=lambda ep: (ipaddress.IPv4Address(ep.ip), ep.port))
+    return sorted(best.values(), key=lambda ep: (socket.inet_pton(socket.AF_INET, ep.ip), ep.port))
 
 
 def _rank(ep: Endpoint) -> tuple[bool, bool, bool]:

@@ -205,15 +205,11 @@ def e_numgen_random(modulus: int, dreg: int = REG_1) -> bytes:
     return expr("numgen", be32(1, dreg), be32(2, modulus), be32(3, NUMGEN_RANDOM), be32(4, 0))
 
 
-def e_dnat(addr_reg: int, proto_reg: int) -> bytes:
-    return expr(
-        "nat",
-        be32(1, NAT_DNAT),
-        be32(2, NFPROTO_IPV4),
-        be32(3, addr_reg),
-        be32(5, proto_reg),
-        be32(7, NAT_RANGE_PROTO_SPECIFIED),
-    )
+def e_dnat(addr_reg: int, proto_reg: int, flags: int | None = NAT_RANGE_PROTO_SPECIFIED) -> bytes:
+    attrs = [be32(1, NAT_DNAT), be32(2, NFPROTO_IPV4), be32(3, addr_reg), be32(5, proto_reg)]
+    if flags is not None:
+        attrs.append(be32(7, flags))
+    return expr("nat", *attrs)
 
 
 def e_masquerade(flags: int = NAT_RANGE_PROTO_RANDOM_FULLY) -> bytes:
@@ -268,6 +264,7 @@ class Batch:
     _next_set_id: int = 1
 
     def __post_init__(self) -> None:
+        self._nfgen = _NFGEN.pack(self.family, 0, 0)
         self._parts.append(self._header(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, self.first_seq, _BATCH_NFGEN))
         self._what.append("batch begin")
 
@@ -284,9 +281,8 @@ class Batch:
 
     def add(self, msg_type: int, flags: int, attrs: bytes, what: object) -> None:
         seq = self.first_seq + len(self._parts)
-        body = _NFGEN.pack(self.family, 0, 0) + attrs
-        self._parts.append(_HDR.pack(16 + len(body), (NFNL_SUBSYS_NFTABLES << 8) | msg_type,
-                                     NLM_F_REQUEST | flags, seq, 0) + body)
+        self._parts.append(_HDR.pack(20 + len(attrs), (NFNL_SUBSYS_NFTABLES << 8) | msg_type,
+                                     NLM_F_REQUEST | flags, seq, 0) + self._nfgen + attrs)
         self._what.append(what)
 
     def describe(self, seq: int) -> str:
@@ -340,19 +336,28 @@ class Batch:
         self.add(NFT_MSG_DELCHAIN, 0, strz(1, table) + strz(3, chain), f"delete chain {chain}")
 
     def new_rule(self, table: str, chain: str, expressions: bytes, what: object = None) -> None:
+        self.new_rule_raw(strz(1, table) + strz(2, chain), expressions,
+                          what if what is not None else f"add rule to chain {chain}")
+
+    def new_rule_raw(self, table_chain_attrs: bytes, expressions: bytes, what: object) -> None:
+        """``table_chain_attrs``: strz(1, table) + strz(2, chain), computed once per chain."""
+        size = 4 + len(expressions)
         self.add(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND,
-                 strz(1, table) + strz(2, chain) + nest(4, expressions),
-                 what if what is not None else f"add rule to chain {chain}")
+                 table_chain_attrs + _ATTR.pack(size, 4 | NLA_F_NESTED) + expressions + _PAD[size & 3],
+                 what)
 
     # ---- sets
     def new_set(self, table: str, name: str, *, flags: int, key_type: int, key_len: int,
-                verdict_map: bool = False, timeout_ms: int | None = None,
+                verdict_map: bool = False, data: tuple[int, int] | None = None,
+                timeout_ms: int | None = None,
                 size: int | None = None, set_id: int | None = None,
                 key_byteorder: int = BYTEORDER_BIG) -> int:
         set_id = set_id if set_id is not None else self.new_set_id()
         attrs = [strz(1, table), strz(2, name), be32(3, flags), be32(4, key_type), be32(5, key_len)]
         if verdict_map:
             attrs += [be32(6, NFT_DATA_VERDICT), be32(7, 0)]
+        elif data is not None:
+            attrs += [be32(6, data[0]), be32(7, data[1])]
         attrs.append(be32(10, set_id))
         if timeout_ms is not None:
             attrs.append(be64(11, timeout_ms))
@@ -383,10 +388,17 @@ class Batch:
 
 
 def element(key: bytes, verdict: tuple[int, str | None] | None = None) -> bytes:
-    parts = [nest(1, attr(1, key))]
-    if verdict is not None:
-        parts.append(verdict_data(2, verdict[0], verdict[1]))
-    return nest(1, *parts)
+    return element_raw(key, verdict_data(2, verdict[0], verdict[1]) if verdict is not None else b"")
+
+
+def element_raw(key: bytes, data: bytes = b"") -> bytes:
+    """``data``: an encoded NFTA_SET_ELEM_DATA (``verdict_data(2, ...)``) or nothing.
+    Keys are 4-byte multiples here, so no padding is needed inside."""
+    size = len(key)
+    if size & 3:
+        return nest(1, nest(1, attr(1, key)), data)
+    return (_ATTR.pack(12 + size + len(data), 1 | NLA_F_NESTED) + _ATTR.pack(8 + size, 1 | NLA_F_NESTED)
+            + _ATTR.pack(4 + size, 1) + key + data)
 
 
 def dump_request(msg_type: int, seq: int, table: str | None, family: int = NFPROTO_IPV4,

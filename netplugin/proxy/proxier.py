@@ -11,11 +11,13 @@ next attempt is a full resync. Full resyncs also run at start, every
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import ipaddress
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 import structlog
@@ -43,15 +45,50 @@ log = structlog.get_logger(__name__)
 GLOBAL = ("", "")  # owner key of the global fragment (no service has an empty name)
 TABLE_CHECK_PERIOD = 1.0
 MAX_BACKOFF = 30.0
-# Large transactions allocate millions of short-lived objects; the cyclic GC would
-# rescan every live fragment each time, so it is paused while one is built.
-GC_PAUSE_THRESHOLD = 20000
 
 T = TypeVar("T")
 
 
 class ProxySyncError(Exception):
     """A sync did not reach the kernel; it will be retried as a full resync."""
+
+
+@dataclass
+class _Outcome:
+    transition: Transition
+    target: AppliedState | None  # the whole new state after a full sync
+    full: bool
+    summary: dict[str, int]
+    phases: dict[str, float]
+    old_views: dict[Any, list]
+
+
+_gc_pauses = 0
+_gc_was_enabled = True
+_gc_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _gc_paused(pause: bool):
+    """Pause the cyclic GC during big syncs: they allocate millions of short-lived
+    objects, and every collection would rescan all live fragments. Counted, so that
+    concurrent pauses (several proxies) end only with the last one."""
+    global _gc_pauses, _gc_was_enabled
+    if not pause:
+        yield
+        return
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 def _check_cidr(value: str, what: str) -> str:
@@ -120,6 +157,7 @@ class ServiceProxy:
         self.full_syncs = 0
         self.failures = 0
         self.last_sync_seconds = 0.0
+        self.last_sync_phases: dict[str, float] = {}
 
     # ------------------------------------------------------------------ inputs
 
@@ -303,45 +341,54 @@ class ServiceProxy:
 
     async def _apply(self, dirty: set[tuple[str, str]], services: dict, slices: dict,
                      global_dirty: bool, host_ports: list[HostPortMapping], full: bool) -> None:
-        pause_gc = full or len(dirty) > 1000
-        gc_was_enabled = gc.isenabled()
-        if pause_gc:
-            gc.disable()
-        try:
-            updates: dict[Any, Fragment | None] = {}
-            for key in dirty:
-                updates[key] = self._build_service(key, services[key], slices[key])
-            if global_dirty or GLOBAL not in self._state.fragments:
-                updates[GLOBAL] = global_fragment(self._config, host_ports)
-            recreate = self._recreate
-            base = self._state
-            try:
-                trans = transition(base, updates)
-            except NeedsRecreate as exc:
-                log.warning("proxy table needs to be rebuilt", reason=str(exc))
-                full = recreate = True
-                base = AppliedState()
-                trans = transition(base, {**self._state.fragments, **updates})
-            old_views = {key: self._old_views(key) for key in updates if key != GLOBAL}
-            if full:
-                target = preview(base, trans)
-                summary = await self._call(self._write_full, target, recreate)
-                self._state = target
-            else:
-                summary = await self._call(self._write, trans.plan)
-                self._state.adopt(trans)
-        finally:
-            if pause_gc and gc_was_enabled:
-                gc.enable()
-        if full:
+        # All the work (parsing, diffing, encoding, netlink) runs on the worker thread so
+        # that a large sync never stalls the event loop; the applied state is swapped
+        # here, on the loop, so readers such as describe() never see it half-updated.
+        outcome = await self._call(self._compute_and_write, dirty, services, slices,
+                                   global_dirty, host_ports, full)
+        if outcome.target is not None:
+            self._state = outcome.target
+        else:
+            self._state.adopt(outcome.transition)
+        if outcome.full:
             self._needs_full = False
             self._recreate = False
             self._last_full = time.monotonic()
             self.full_syncs += 1
         self.syncs += 1
-        self._report_conflicts(trans)
-        log.info("proxy synced", table=self.table, full=full, services=len(dirty), **summary)
-        await self._flush_conntrack(old_views, updates)
+        self.last_sync_phases = outcome.phases
+        self._report_conflicts(outcome.transition)
+        log.info("proxy synced", table=self.table, full=outcome.full, services=len(dirty), **outcome.summary)
+        await self._flush_conntrack(outcome.old_views, outcome.transition.fragments)
+
+    def _compute_and_write(self, dirty: set[tuple[str, str]], services: dict, slices: dict,
+                           global_dirty: bool, host_ports: list[HostPortMapping], full: bool) -> "_Outcome":
+        started = time.perf_counter()
+        phases: dict[str, float] = {}
+        with _gc_paused(full or len(dirty) > 1000):
+            updates: dict[Any, Fragment | None] = {
+                key: self._build_service(key, services[key], slices[key]) for key in dirty}
+            if global_dirty or GLOBAL not in self._state.fragments:
+                updates[GLOBAL] = global_fragment(self._config, host_ports)
+            recreate = self._recreate
+            base = self._state
+            try:
+                trans = transition(base, updates, with_plan=not full)
+            except NeedsRecreate as exc:
+                log.warning("proxy table needs to be rebuilt", table=self.table, reason=str(exc))
+                full = recreate = True
+                base = AppliedState()
+                trans = transition(base, {**self._state.fragments, **updates}, with_plan=False)
+            old_views = {key: self._old_views(key) for key in updates if key != GLOBAL}
+            phases["build"] = time.perf_counter() - started
+            target = None
+            if full:
+                target = preview(base, trans)
+                summary = self._write_full(target, recreate, phases)
+            else:
+                summary = self._write(trans.plan, phases)
+        phases["total"] = time.perf_counter() - started
+        return _Outcome(trans, target, full, summary, phases, old_views)
 
     def _old_views(self, key: Any) -> list:
         frag = self._state.fragments.get(key)
@@ -369,21 +416,29 @@ class ServiceProxy:
         endpoints = {port_key: merge_endpoints(lists) for port_key, lists in groups.items()}
         return service_fragment(self._config, parsed.ports, endpoints)
 
-    def _write(self, plan: Plan) -> dict[str, int]:
+    def _write(self, plan: Plan, phases: dict[str, float]) -> dict[str, int]:
         if plan.is_empty():
             return plan.summary()
         sock = self._socket()
+        mark = time.perf_counter()
         batch = encode_plan(self.table, plan, sock.next_seq(0))
         sock.next_seq(len(batch) + 2)
+        now = time.perf_counter()
+        phases["encode"], mark = now - mark, now
         sock.send_batch(batch)
-        return plan.summary()
+        phases["kernel"] = time.perf_counter() - mark
+        summary = plan.summary()
+        summary["messages"] = len(batch)
+        return summary
 
-    def _write_full(self, target: AppliedState, recreate: bool) -> dict[str, int]:
+    def _write_full(self, target: AppliedState, recreate: bool, phases: dict[str, float]) -> dict[str, int]:
         sock = self._socket()
+        mark = time.perf_counter()
         names = None if recreate else sock.list_names(self.table)
         chains, sets = names if names is not None else (None, None)
         plan = full_plan(target, chains, sets, recreate=recreate)
-        return self._write(plan)
+        phases["plan"] = time.perf_counter() - mark
+        return self._write(plan, phases)
 
     def _report_conflicts(self, trans: Transition) -> None:
         for conflict in trans.conflicts:

@@ -42,13 +42,13 @@ from .stmts import (
     MarkUnset,
     MarkXor,
     Masquerade,
-    NumgenPick,
     NumgenVmap,
     Reject,
     Rule,
     UpdateSaddr,
     Verdict,
     Vmap,
+    numgen_pick,
 )
 
 # set / map names
@@ -303,7 +303,7 @@ def _pick(port: ServicePort, endpoints: tuple[Endpoint, ...], use_chains: bool, 
             return rules
         actions = [Verdict("goto", target) for target in targets]
     for i, action in enumerate(actions[:-1]):
-        rules.append((NumgenPick(n - i), action))
+        rules.append((numgen_pick(n - i), action))
     rules.append((actions[-1],))
     return rules
 

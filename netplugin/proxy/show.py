@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from .model import Endpoint, ServiceError
 from .ruleset import HOSTPORT_IPS, HOSTPORTS, ProxyConfig, ServiceView
+from .stmts import DNAT
 
 if TYPE_CHECKING:
     from .diff import AppliedState
@@ -74,10 +75,13 @@ def describe_state(config: ProxyConfig, state: "AppliedState", errors: list[Serv
     for row in rows:
         lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3])
     host_ports = []
+    chains = state.chains()
     for (set_name, key), holders in sorted(state.claims.items(), key=lambda kv: str(kv[0])):
         if set_name not in (HOSTPORTS, HOSTPORT_IPS) or not holders or holders[0][1] is None:
             continue
-        target = holders[0][1].chain or ""
+        chain = chains.get(holders[0][1].chain or "")
+        dnat = next((stmt for rule in (chain.rules if chain else ()) for stmt in rule if isinstance(stmt, DNAT)), None)
+        target = f"{dnat.ip}:{dnat.port}" if dnat else "?"
         where = f"{key[0]}:{key[2]}/{key[1]}" if set_name == HOSTPORT_IPS else f"*:{key[1]}/{key[0]}"
         host_ports.append(f"  {where} -> {target}")
     if host_ports:

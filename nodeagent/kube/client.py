@@ -351,6 +351,14 @@ class KubeClient:
         self._session: aiohttp.ClientSession | None = None
         self.request_counts: collections.Counter[tuple[str, str]] = collections.Counter()
 
+    @classmethod
+    def from_kubeconfig(cls, path: str | os.PathLike, context: str | None = None,
+                        **kwargs: Any) -> "KubeClient":
+        """load_kubeconfig + KubeClient (blocking file reads: call at startup)."""
+        from .kubeconfig import load_kubeconfig  # noqa: PLC0415
+
+        return cls(load_kubeconfig(path, context), **kwargs)
+
     async def __aenter__(self) -> "KubeClient":
         return self
 
@@ -615,7 +623,11 @@ class KubeClient:
               label_selector: str | Mapping[str, str] | None = None,
               field_selector: str | Mapping[str, str] | None = None,
               allow_bookmarks: bool = True, timeout_seconds: int | None = None,
-              send_initial_events: bool = False) -> WatchStream:
+              send_initial_events: bool = False, idle_timeout: float | None = None) -> WatchStream:
+        """Open a watch (use as `async with`). `idle_timeout` bounds the silence between
+        two reads: by default 150 s with bookmarks (the API server sends one about every
+        minute, so only a dead connection stays quiet that long), else the watch's own
+        timeoutSeconds + 60 s."""
         ns = namespace if resource.namespaced else None
         params = self._params(watch="true", resourceVersion=resource_version,
                               labelSelector=_selector(label_selector),
@@ -624,7 +636,9 @@ class KubeClient:
                               timeoutSeconds=timeout_seconds,
                               sendInitialEvents=send_initial_events or None,
                               resourceVersionMatch="NotOlderThan" if send_initial_events else None)
-        # A silent connection is caught by the read timeout; bookmarks and the server's own
-        # timeout keep a healthy stream well inside it.
-        read_timeout = float(timeout_seconds) + 60.0 if timeout_seconds else None
-        return WatchStream(self, resource, resource.path(ns), params, read_timeout)
+        if idle_timeout is None:
+            if allow_bookmarks:
+                idle_timeout = 150.0
+            elif timeout_seconds:
+                idle_timeout = float(timeout_seconds) + 60.0
+        return WatchStream(self, resource, resource.path(ns), params, idle_timeout)

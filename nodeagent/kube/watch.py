@@ -65,6 +65,7 @@ class Reflector:
                  label_selector: str | Mapping[str, str] | None = None,
                  field_selector: str | Mapping[str, str] | None = None,
                  page_size: int = 500, min_watch_timeout: float = 300.0,
+                 watch_idle_timeout: float | None = None,
                  backoff: Backoff | None = None, name: str | None = None) -> None:
         self.client = client
         self.resource = resource
@@ -73,6 +74,7 @@ class Reflector:
         self.field_selector = field_selector
         self.page_size = page_size
         self.min_watch_timeout = min_watch_timeout
+        self.watch_idle_timeout = watch_idle_timeout
         self.backoff = backoff or Backoff(initial=0.5, maximum=10.0)
         self.name = name or resource.plural
         self.handlers: list[EventHandler] = [handler] if handler else []
@@ -158,7 +160,8 @@ class Reflector:
         async with self.client.watch(
                 self.resource, self.namespace, resource_version=self.resource_version,
                 label_selector=self.label_selector, field_selector=self.field_selector,
-                allow_bookmarks=True, timeout_seconds=timeout) as stream:
+                allow_bookmarks=True, timeout_seconds=timeout,
+                idle_timeout=self.watch_idle_timeout) as stream:
             async for event in stream:
                 seen += 1
                 rv = event.resource_version

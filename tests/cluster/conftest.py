@@ -88,7 +88,7 @@ class Kubectl:
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
-            raise AssertionError(f"kubectl {' '.join(args)} did not finish within {timeout}s")
+            raise AssertionError(f"kubectl {' '.join(args)} did not finish within {timeout}s") from None
         result = KubectlResult(args, proc.returncode or 0, out.decode(), err.decode())
         return result.check() if check else result
 

@@ -4,10 +4,17 @@ merge patch, whose list strategies and merge keys come from the official schema
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from . import schema as k8s_schema
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clone(v) for v in value]
+    return value
 
 
 class PatchError(ValueError):
@@ -25,7 +32,7 @@ PATCH_TYPES = (MERGE_PATCH, STRATEGIC_MERGE_PATCH, JSON_PATCH, APPLY_PATCH)
 
 def merge_patch(target: Any, patch: Any) -> Any:
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
+        return _clone(patch)
     result = dict(target) if isinstance(target, dict) else {}
     for key, value in patch.items():
         if value is None:
@@ -104,26 +111,26 @@ def _remove(doc: Any, parts: list[str], path: str) -> Any:
 def json_patch(target: Any, operations: Any) -> Any:
     if not isinstance(operations, list):
         raise PatchError("a JSON patch must be a list of operations")
-    doc = copy.deepcopy(target)
+    doc = _clone(target)
     for op in operations:
         if not isinstance(op, dict) or "op" not in op or "path" not in op:
             raise PatchError(f"invalid JSON patch operation {op!r}")
         kind, path = op["op"], op["path"]
         parts = _pointer(path)
         if kind == "add":
-            doc = _add(doc, parts, copy.deepcopy(op.get("value")), path)
+            doc = _add(doc, parts, _clone(op.get("value")), path)
         elif kind == "remove":
             _remove(doc, parts, path)
         elif kind == "replace":
             _walk(doc, parts, path)  # must exist
             if not parts:
-                doc = copy.deepcopy(op.get("value"))
+                doc = _clone(op.get("value"))
             else:
                 _remove(doc, parts, path)
-                doc = _add(doc, parts, copy.deepcopy(op.get("value")), path)
+                doc = _add(doc, parts, _clone(op.get("value")), path)
         elif kind in ("move", "copy"):
             source = op.get("from", "")
-            value = copy.deepcopy(_walk(doc, _pointer(source), source))
+            value = _clone(_walk(doc, _pointer(source), source))
             if kind == "move":
                 _remove(doc, _pointer(source), source)
             doc = _add(doc, parts, value, path)
@@ -220,7 +227,7 @@ def _merge_list(original: list, patch: list, info: k8s_schema.FieldPatchInfo) ->
                 result.append(item)
         return result
     item_schema = k8s_schema.items_schema(info.schema)
-    result = [copy.deepcopy(i) for i in original]
+    result = [_clone(i) for i in original]
     for item in patch:
         if not isinstance(item, dict):
             raise PatchError(f"list merged by key {key!r} got a non-object item {item!r}")

@@ -97,6 +97,10 @@ RESOURCES: tuple[ResourceType, ...] = (
                  verbs=("create",)),
     ResourceType("authorization.k8s.io", "v1", "subjectaccessreviews", "SubjectAccessReview",
                  False, verbs=("create",)),
+    ResourceType("authorization.k8s.io", "v1", "selfsubjectaccessreviews", "SelfSubjectAccessReview",
+                 False, verbs=("create",)),
+    ResourceType("authentication.k8s.io", "v1", "selfsubjectreviews", "SelfSubjectReview",
+                 False, verbs=("create",)),
 )
 
 # Discovery lists these groups in this order (core first, like the real server).

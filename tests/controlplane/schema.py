@@ -34,13 +34,33 @@ def _schema_root() -> Path:
     return Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
 
 
+def _version_folder(root: Path) -> str:
+    """v1.32.0-local if shipped, else the nearest version kubernetes-validate has (newer
+    preferred): schema releases drop old versions over time."""
+    wanted = f"v{KUBERNETES_SCHEMA_VERSION}-local"
+    if (root / wanted).is_dir():
+        return wanted
+
+    def minor(name: str) -> int:
+        return int(name[1:].split(".")[1])
+
+    available = sorted((p.name for p in root.iterdir()
+                        if p.name.startswith("v1.") and p.name.endswith("-local")), key=minor)
+    if not available:
+        raise SchemaUnavailable(f"{root} holds no schema versions")
+    target = minor(wanted)
+    newer = [n for n in available if minor(n) >= target]
+    return newer[0] if newer else available[-1]
+
+
 @functools.lru_cache(maxsize=2)
 def definitions(strict: bool = False) -> dict[str, Any]:
-    """The `$defs` document (name -> schema) for Kubernetes v1.32."""
-    folder = f"v{KUBERNETES_SCHEMA_VERSION}-local" + ("-strict" if strict else "")
-    path = _schema_root() / folder / "_definitions.json"
+    """The `$defs` document (name -> schema) for Kubernetes v1.32 (or the nearest shipped)."""
+    root = _schema_root()
+    folder = _version_folder(root) + ("-strict" if strict else "")
+    path = root / folder / "_definitions.json"
     if not path.exists():
-        raise SchemaUnavailable(f"{path} is missing; kubernetes-validate lacks v{KUBERNETES_SCHEMA_VERSION}")
+        raise SchemaUnavailable(f"{path} is missing from kubernetes-validate")
     with path.open() as fh:
         return json.load(fh)
 
@@ -149,6 +169,8 @@ class SchemaProblem:
     path: str
     message: str
     unknown_field: bool
+    parts: tuple = ()
+    missing_required: bool = False
 
     def __str__(self) -> str:
         return f"{self.path or '<root>'}: {self.message}"
@@ -178,8 +200,15 @@ def check_object(obj: dict, strict: bool = True) -> list[SchemaProblem]:
             allowed = set((err.schema.get("properties") or {}).keys())
             extras = sorted(k for k in (err.instance or {}) if k not in allowed)
             for extra in extras:
-                path = _path_text(list(err.absolute_path) + [extra])
-                problems.append(SchemaProblem(path, f'unknown field "{path}"', True))
+                parts = tuple(err.absolute_path) + (extra,)
+                path = _path_text(parts)
+                problems.append(SchemaProblem(path, f'unknown field "{path}"', True, parts))
+            continue
+        if err.validator == "required":
+            missing = [r for r in err.validator_value if r not in (err.instance or {})]
+            for field in missing:
+                parts = tuple(err.absolute_path) + (field,)
+                problems.append(SchemaProblem(_path_text(parts), "Required value", False, parts, True))
             continue
         if err.validator in ("oneOf", "anyOf"):
             # Quantity / IntOrString: report once with the offending value.
@@ -188,6 +217,17 @@ def check_object(obj: dict, strict: bool = True) -> list[SchemaProblem]:
             continue
         problems.append(SchemaProblem(_path_text(err.absolute_path), err.message, False))
     return problems
+
+
+def prune(obj: Any, parts: tuple) -> None:
+    """Remove the field at `parts` (what decoding does with unknown fields)."""
+    for part in parts[:-1]:
+        try:
+            obj = obj[part]
+        except (KeyError, IndexError, TypeError):
+            return
+    if isinstance(obj, dict):
+        obj.pop(parts[-1], None)
 
 
 def validate_object(obj: dict) -> list[str]:

@@ -8,6 +8,7 @@ import base64
 import collections
 import contextlib
 import datetime as dt
+import ipaddress
 import json
 import os
 import random
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import structlog
+import aiohttp
 import yaml
 from aiohttp import web
 
@@ -72,7 +74,7 @@ class ControlPlane:
 
     def __init__(self, state_dir: str | os.PathLike | None = None, *, host: str = "127.0.0.1",
                  port: int = 0, options: Options | None = None, bookmark_interval: float = 60.0,
-                 min_request_timeout: float = 1800.0, history_limit: int = 100_000,
+                 min_request_timeout: float = 1800.0, history_limit: int = 10_000,
                  watcher_buffer: int = 10_000, admin_token: str | None = None) -> None:
         self._own_state_dir = state_dir is None
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="controlplane-"))
@@ -94,6 +96,9 @@ class ControlPlane:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._ssl: ssl.SSLContext | None = None
+        self._kubelet_client_ssl: ssl.SSLContext | None = None
+        self._answering = asyncio.Event()
+        self._answering.set()
         self._serving = False
         self._watch_tasks: set[asyncio.Task] = set()
         self._controller_queue: asyncio.Queue = asyncio.Queue()
@@ -144,6 +149,7 @@ class ControlPlane:
         self._serving = True
 
     async def stop(self) -> None:
+        self._answering.set()  # release requests parked by stop_serving(mode="hang")
         for task in self._background:
             task.cancel()
         for task in self._background:
@@ -174,9 +180,18 @@ class ControlPlane:
         """Compact the event history: watches from older resourceVersions get 410 Expired."""
         return self.store.compact(rv)
 
-    async def stop_serving(self) -> None:
-        """Stop answering: close the listener (connections are refused), end watches and
-        cut open connections. State is kept."""
+    async def stop_serving(self, mode: str = "refuse") -> None:
+        """Simulate an unreachable API server; state is kept.
+
+        mode="refuse": close the listener (new connections are refused), end the watches
+        and cut open connections. mode="hang": keep accepting connections but answer
+        nothing, and let open watches go silent (a network partition); clients notice
+        only through their own timeouts."""
+        if mode not in ("refuse", "hang"):
+            raise ValueError(f"stop_serving mode must be 'refuse' or 'hang', not {mode!r}")
+        if mode == "hang":
+            self._answering.clear()
+            return
         if not self._serving:
             return
         self._serving = False
@@ -189,11 +204,12 @@ class ControlPlane:
                 conn.force_close()
 
     async def start_serving(self) -> None:
+        self._answering.set()
         if not self._serving:
             await self._start_site()
 
-    async def outage(self, seconds: float) -> None:
-        await self.stop_serving()
+    async def outage(self, seconds: float, mode: str = "refuse") -> None:
+        await self.stop_serving(mode)
         try:
             await asyncio.sleep(seconds)
         finally:
@@ -399,6 +415,20 @@ class ControlPlane:
                 return obj
         return None
 
+    def schema_problems_in_recorded_writes(self) -> list[tuple[RecordedWrite, list[str]]]:
+        """Every recorded non-admin write that fails the official schema, with its problems
+        (needs Options(record_writes=True))."""
+        from .schema import validate_object  # noqa: PLC0415
+
+        bad = []
+        for write in self.api.recorded:
+            if write.object.get("kind") == "Status":
+                continue
+            problems = validate_object(write.object)
+            if problems:
+                bad.append((write, problems))
+        return bad
+
     async def wait_for(self, predicate: Callable[[], Any], timeout: float = 10.0,
                        interval: float = 0.02, what: str = "condition") -> Any:
         deadline = time.monotonic() + timeout
@@ -443,11 +473,12 @@ class ControlPlane:
         return user or ANONYMOUS
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        await self._answering.wait()
         try:
             try:
                 user = self._authenticate(request)
             except Unauthorized:
-                raise ApiStatusError("Unauthorized", "Unauthorized")
+                raise ApiStatusError("Unauthorized", "Unauthorized") from None
             for fault in self._faults:
                 if fault.count > 0 and request.path.startswith(fault.path_prefix):
                     fault.count -= 1
@@ -595,6 +626,9 @@ class ControlPlane:
             if candidate is not None and candidate.namespaced:
                 namespace, rest = rest[1], rest[2:]
         rt = resources.find(group, version, rest[0])
+        proxy_path = ""
+        if rt is not None and rt.kind == "Node" and len(rest) > 3 and rest[2] == "proxy":
+            proxy_path, rest = "/" + "/".join(rest[3:]), rest[:3]
         if rt is None or len(rest) > 3:
             raise ApiStatusError("NotFound", "the server could not find the requested resource")
         name = rest[1] if len(rest) > 1 else None
@@ -619,9 +653,15 @@ class ControlPlane:
             verb = "delete" if name is not None else "deletecollection"
         else:
             raise ApiStatusError("MethodNotAllowed", f"{method} is not supported", code=405)
+        if sub in ("log", "proxy"):
+            verb = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch",
+                    "DELETE": "delete"}.get(method, verb)
+            self.request_counts[(user.name, verb, f"{rt.plural}/{sub}")] += 1
+            self._authorize(user, verb, rt, sub, namespace, name, request.path)
+            return await self._kubelet_proxy(request, rt, namespace, name or "", sub, proxy_path)
         if verb not in rt.verbs and not (sub and verb in ("get", "update", "patch", "create")):
-            raise ApiStatusError("MethodNotAllowed", f"the server does not allow this method on the "
-                                 f"requested resource", code=405)
+            raise ApiStatusError("MethodNotAllowed", "the server does not allow this method on the "
+                                 "requested resource", code=405)
         self.request_counts[(user.name, verb, rt.plural + (f"/{sub}" if sub else ""))] += 1
         self._authorize(user, verb, rt, sub, namespace, name, request.path)
         if rt.namespaced and namespace is None and verb not in ("list", "watch") and rt.kind != "Namespace":
@@ -659,6 +699,16 @@ class ControlPlane:
                 return self._json(self._token_review(body or {}), 201)
             if rt.kind == "SubjectAccessReview":
                 return self._json(self._subject_access_review(body or {}), 201)
+            if rt.kind == "SelfSubjectAccessReview":
+                spec = dict((body or {}).get("spec") or {}, user=user.name, groups=list(user.groups))
+                review = self._subject_access_review({"spec": spec})
+                review["kind"] = "SelfSubjectAccessReview"
+                review["spec"] = (body or {}).get("spec") or {}
+                return self._json(review, 201)
+            if rt.kind == "SelfSubjectReview":
+                return self._json({"kind": "SelfSubjectReview", "apiVersion": "authentication.k8s.io/v1",
+                                   "metadata": {"creationTimestamp": None},
+                                   "status": {"userInfo": user.to_dict()}}, 201)
             if name is not None:
                 raise ApiStatusError("MethodNotAllowed", "POST to an object is not allowed", code=405)
             result = api.create(rt, namespace, body, user, field_validation=field_validation,
@@ -688,6 +738,73 @@ class ControlPlane:
         return self._json(api.delete_collection(rt, namespace, body, user,
                                                 label_selector=q.get("labelSelector"),
                                                 field_selector=q.get("fieldSelector")), 200)
+
+    async def _kubelet_proxy(self, request: web.Request, rt: ResourceType, namespace: str | None,
+                             name: str, sub: str, proxy_path: str) -> web.StreamResponse:
+        """pods/log and nodes/proxy: forwarded to the node's kubelet API like the real
+        server does (its daemonEndpoints port, the first InternalIP), authenticated with
+        the apiserver's kubelet client certificate. The kubelet's serving certificate is
+        not verified (the real default without --kubelet-certificate-authority)."""
+        if sub == "log":
+            pod_obj = self.api.get(rt, namespace, name)
+            containers = [c["name"] for c in (pod_obj.get("spec") or {}).get("containers") or []]
+            container = request.query.get("container")
+            if not container:
+                if len(containers) != 1:
+                    raise ApiStatusError("BadRequest", f"a container name must be specified for pod {name}, "
+                                         f"choose one of: [{' '.join(containers)}]")
+                container = containers[0]
+            node_name = (pod_obj.get("spec") or {}).get("nodeName")
+            if not node_name:
+                raise ApiStatusError("BadRequest", f"pod {name} does not have a host assigned")
+            target = f"/containerLogs/{namespace}/{name}/{container}"
+            query = {k: v for k, v in request.query.items() if k != "container"}
+        else:
+            node_name, target, query = name, proxy_path or "/", dict(request.query)
+        node = self.store.get("/nodes", None, node_name)
+        if node is None:
+            raise ApiStatusError("NotFound", f'nodes "{node_name}" not found')
+        status = node.get("status") or {}
+        port = ((status.get("daemonEndpoints") or {}).get("kubeletEndpoint") or {}).get("Port")
+        addresses = status.get("addresses") or []
+        address = next((a["address"] for a in addresses if a.get("type") == "InternalIP"),
+                       addresses[0]["address"] if addresses else None)
+        if not port or not address:
+            raise ApiStatusError("ServiceUnavailable", f"node {node_name} has no kubelet address/port",
+                                 code=503)
+        if not any(ipaddress.ip_address(address) in ipaddress.ip_network(net)
+                   for net in self.options.kubelet_proxy_networks):
+            raise ApiStatusError("ServiceUnavailable",
+                                 f"refusing to proxy to node address {address}: outside "
+                                 f"{list(self.options.kubelet_proxy_networks)} (test network safety)", code=503)
+        host = f"[{address}]" if ":" in address else address
+        url = f"https://{host}:{port}{target}"
+        if self._kubelet_client_ssl is None:
+            key_pem, cert_pem = self.ca.issue("kube-apiserver-kubelet-client", ["system:masters"])
+            cert_file, key_file = self.state_dir / "apiserver-kubelet-client.crt", self.state_dir / "apiserver-kubelet-client.key"
+            cert_file.write_bytes(cert_pem)
+            key_file.write_bytes(key_pem)
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            ctx.load_cert_chain(cert_file, key_file)
+            self._kubelet_client_ssl = ctx
+        body = await request.read()
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.request(request.method, url, params=query, data=body or None,
+                                           ssl=self._kubelet_client_ssl,
+                                           timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as upstream:
+                    response = web.StreamResponse(status=upstream.status, headers={
+                        "Content-Type": upstream.headers.get("Content-Type", "text/plain")})
+                    await response.prepare(request)
+                    async for chunk in upstream.content.iter_any():
+                        await response.write(chunk)
+                    await response.write_eof()
+                    return response
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ApiStatusError("ServiceUnavailable", f"error trying to reach the kubelet at {url}: {exc}",
+                                 code=503) from exc
 
     def _token_review(self, body: dict) -> dict:
         token = (body.get("spec") or {}).get("token", "")
@@ -795,7 +912,13 @@ class ControlPlane:
             self._watch_tasks.add(task)
         try:
             await response.prepare(request)
-            lines = [self._event_line(rt, t, o) for t, o in setup.initial]
+            as_table = self._table_requested(request)
+            include = q.get("includeObject", "Metadata")
+
+            def line(event_type: str, obj: dict) -> str:
+                return self._event_line(rt, event_type, obj, as_table, include)
+
+            lines = [line(t, o) for t, o in setup.initial]
             if setup.send_initial_end_bookmark:
                 lines.append(self._bookmark_line(rt, initial_end=True))
             if lines:
@@ -804,24 +927,31 @@ class ControlPlane:
                 now = loop.time()
                 if now >= deadline:
                     break
-                wait = min(deadline, next_bookmark if bookmarks else deadline) - now
+                # Wake up at least every few seconds to notice a client that went away.
+                wait = min(deadline, next_bookmark if bookmarks else deadline, now + 5.0) - now
                 try:
                     item = await asyncio.wait_for(watcher.queue.get(), timeout=max(wait, 0.0))
                 except asyncio.TimeoutError:
+                    if request.transport is None or request.transport.is_closing():
+                        break
+                    if not self._answering.is_set():
+                        continue
                     if bookmarks and loop.time() >= next_bookmark:
                         await response.write(self._bookmark_line(rt).encode())
                         next_bookmark = loop.time() + self.bookmark_interval
                     continue
                 if item is Watcher.CLOSED:
                     break
-                batch = [self._event_line(rt, *item)]
+                if not self._answering.is_set():
+                    await self._answering.wait()
+                batch = [line(*item)]
                 closed = False
                 while not watcher.queue.empty() and len(batch) < 256:
                     more = watcher.queue.get_nowait()
                     if more is Watcher.CLOSED:
                         closed = True
                         break
-                    batch.append(self._event_line(rt, *more))
+                    batch.append(line(*more))
                 await response.write("".join(batch).encode())
                 if closed:
                     break
@@ -838,8 +968,15 @@ class ControlPlane:
                 self._watch_tasks.discard(task)
         return response
 
-    def _event_line(self, rt: ResourceType, event_type: str, obj: dict) -> str:
-        return _dumps({"type": event_type, "object": self.api.to_external(rt, obj)}) + "\n"
+    def _event_line(self, rt: ResourceType, event_type: str, obj: dict, as_table: bool = False,
+                    include_object: str = "Metadata") -> str:
+        external = self.api.to_external(rt, obj)
+        if as_table:
+            # `kubectl get -w` asks for watch events whose objects are one-row Tables.
+            external = tables.to_table(rt.kind, [external],
+                                       resource_version=external["metadata"].get("resourceVersion", ""),
+                                       include_object=include_object, api_version=rt.api_version)
+        return _dumps({"type": event_type, "object": external}) + "\n"
 
     def _bookmark_line(self, rt: ResourceType, initial_end: bool = False) -> str:
         meta: dict[str, Any] = {"resourceVersion": str(self.store.rv)}

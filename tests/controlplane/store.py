@@ -96,7 +96,7 @@ class Watcher:
 
 
 class Store:
-    def __init__(self, history_limit: int = 100_000, watcher_buffer: int = 10_000) -> None:
+    def __init__(self, history_limit: int = 10_000, watcher_buffer: int = 10_000) -> None:
         self.rv = 1
         self._objects: dict[str, dict[tuple[str, str], dict]] = {}
         self._history: deque[StoredEvent] = deque()

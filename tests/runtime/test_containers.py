@@ -96,6 +96,7 @@ async def test_engine_refusals_on_create(runtime):
             name="odd", image=BUSYBOX, attempt=0, kind="ephemeral"))
 
 
+@pytest.mark.root  # reads other processes' /proc entries / cgroupfs
 async def test_config_reaches_the_container(runtime):
     sandbox = await run_sandbox(runtime, hostname="cfg-pod", dns_servers=["10.96.0.10"],
                                 dns_searches=["default.svc.cluster.local"])
@@ -266,6 +267,7 @@ async def test_relist_inspects_only_changed_containers(runtime):
     assert runtime.inspect_calls == before + 1
 
 
+@pytest.mark.root  # reads other processes' /proc entries / cgroupfs
 async def test_cgroup_stats(runtime):
     sandbox = await run_sandbox(runtime)
     container_id = await run_container(
@@ -289,6 +291,7 @@ async def test_cgroup_stats(runtime):
         await asyncio.to_thread(read_container_stats, "f" * 64)
 
 
+@pytest.mark.root  # reads other processes' /proc entries / cgroupfs
 async def test_cgroup_parent_applies_to_the_pod(runtime):
     parent = f"/nodeagent-rtest-{uuid.uuid4().hex[:8]}"
     sandbox = await run_sandbox(runtime, cgroup_parent=parent)

@@ -223,3 +223,30 @@ async def test_pause_image_is_built_when_missing(runtime):
         await runtime.engine.call("rmi", "DELETE", f"images/{image}", ok_statuses=(404, 409))
     with pytest.raises(NotFound):
         await runtime.engine.call("inspect", "GET", f"images/{image}/json")
+
+
+async def test_pull_has_its_own_deadline(runtime):
+    """A registry that accepts and never answers: the pull gives up at pull_timeout."""
+    connected = asyncio.Event()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.set()
+        writers.append(writer)
+        await reader.read()  # until Docker gives up (or we close below)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        # call_timeout stays large: the pull's own deadline is what must fire.
+        images = DockerImageService(runtime, pull_timeout=1.5)
+        started = time.monotonic()
+        with pytest.raises(ImagePullError, match="within 1.5s"):
+            await images.ensure_image(f"127.0.0.1:{port}/silent/app:1", PullPolicy.IF_NOT_PRESENT)
+        assert 1.4 <= time.monotonic() - started < 4
+        assert connected.is_set(), "Docker never reached the fake registry"
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await server.wait_closed()

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -37,12 +38,13 @@ def _fetch_script(token: str, tries: int) -> str:
     )
 
 
+@pytest.mark.root  # reads other processes' /proc entries / cgroupfs
 async def test_containers_share_the_sandbox_network(runtime):
     sandbox = await run_sandbox(runtime)
     assert sandbox.state == SandboxState.READY
     assert sandbox.netns_path == f"/proc/{sandbox.pid}/ns/net"
     # Network mode "none": the namespace holds only loopback until a plugin adds more.
-    devices = open(f"/proc/{sandbox.pid}/net/dev").read()
+    devices = Path(f"/proc/{sandbox.pid}/net/dev").read_text()
     assert [line.split(":")[0].strip() for line in devices.splitlines()[2:]] == ["lo"]
 
     token = uuid.uuid4().hex
@@ -86,6 +88,7 @@ async def test_share_process_namespace(runtime):
     assert (await wait_exited(runtime, blind)).exit_code == 1
 
 
+@pytest.mark.root  # reads other processes' /proc entries / cgroupfs
 async def test_host_network_sandbox_uses_the_host_namespace(runtime):
     sandbox = await run_sandbox(runtime, host_network=True, hostname="ignored")
     assert sandbox.host_network is True

@@ -287,7 +287,7 @@ def test_sidecar_spec_change_restarts_it():
     old_side = ctr(pod, "side", spec_hash="stale")
     a = compute(pod, [sandbox()], [old_side, ctr(pod, "app")])
     assert [k.container_id for k in a.to_kill] == [old_side.id]
-    assert "definition changed" in a.to_kill[0].message
+    assert a.to_kill[0].reason == "SpecChanged" and "changed" in a.to_kill[0].message
     assert starts(a) == [("side", "sidecar", 1)]
 
 
@@ -322,7 +322,7 @@ def test_changed_spec_restarts_running_container_regardless_of_policy():
     pod = make_pod([spec("a", command=["sleep", "2"])], policy="Never")
     running = ctr(pod, "a", spec_hash=container_hash(spec("a", command=["sleep", "1"])))
     a = compute(pod, [sandbox()], [running])
-    assert a.to_kill == [KillAction(running.id, "a", "", "Container a definition changed, will be restarted")]
+    assert a.to_kill == [KillAction(running.id, "a", "SpecChanged", "spec of container a changed; restarting it")]
     assert starts(a) == [("a", "app", 1)]
     assert not a.kill_pod
 
