@@ -45,6 +45,16 @@ from runtime.types import (
 log = structlog.get_logger(__name__)
 
 GRACE_PERIOD_LABEL = "io.kubernetes.pod.terminationGracePeriod"
+# How often a running pod's configMap/secret/downwardAPI volumes are re-checked even
+# without a change event (kubelet's default sync frequency is about a minute).
+VOLUME_RESYNC = 60.0
+_DATA_VOLUME_KINDS = ("configMap", "secret", "downwardAPI", "projected")
+
+
+def _has_projected_data(pod: dict) -> bool:
+    return any(
+        kind in volume for volume in pod["spec"].get("volumes") or () for kind in _DATA_VOLUME_KINDS
+    )
 
 
 @dataclass
@@ -190,6 +200,11 @@ class Kubelet:
             retry = await self._start_containers(pod, sandbox, actions.to_start, waiting)
             if retry is not None:
                 requeue = retry if requeue is None else min(requeue, retry)
+        elif sandbox is not None and _has_projected_data(pod) and not terminating:
+            # configMap/secret/downwardAPI contents can change under a running pod:
+            # rewrite them (atomically, only when changed) on every sync.
+            await self._refresh_volumes(pod)
+            requeue = VOLUME_RESYNC if requeue is None else min(requeue, VOLUME_RESYNC)
 
         if actions.kill_pod or actions.create_sandbox or actions.to_kill or actions.to_start:
             containers = await self.runtime.list_containers(uid)
@@ -229,6 +244,7 @@ class Kubelet:
     ) -> float | None:
         specs = {c["name"]: c for _kind, c in iter_containers(pod)}
         try:
+            await self._prefetch(pod)
             volume_paths = await self.volumes.setup(pod)
         except (ConfigError, OSError) as exc:
             # Like kubelet: containers wait in ContainerCreating with the mount error.
@@ -317,6 +333,20 @@ class Kubelet:
             self.events.event(pod, WARNING, "Failed", f"Error: {exc}", field_path=path)
             return "", "", None
         return None
+
+    async def _prefetch(self, pod: dict) -> None:
+        """Let cluster-mode sources fetch the configMaps/secrets/tokens the pod uses,
+        so the synchronous lookups of env and volume building find them."""
+        prefetch = getattr(self.env_sources, "prefetch", None)
+        if prefetch is not None:
+            await prefetch(pod)
+
+    async def _refresh_volumes(self, pod: dict) -> None:
+        try:
+            await self._prefetch(pod)
+            await self.volumes.setup(pod)
+        except (ConfigError, OSError) as exc:
+            log.warning("volume refresh failed", pod=_fmt(pod), error=str(exc))
 
     async def _pod_ip(self, pod: dict) -> str | None:
         if pod["spec"].get("hostNetwork"):
