@@ -60,6 +60,13 @@ class Agent:
         self.images = DockerImageService(
             self.runtime, pull_timeout=settings.image_pull_timeout
         )
+        # Cluster mode (--kubeconfig): the API pod source, status manager, Node and
+        # Lease, admission and mirror pods (nodeagent/cluster/). None when standalone.
+        self.cluster = None
+        if settings.kubeconfig:
+            from nodeagent.cluster.mode import ClusterMode
+
+            self.cluster = ClusterMode(self)
         self.network = BridgeNetwork(
             bridge_name=settings.bridge_name,
             pod_cidr=settings.pod_cidr,
@@ -78,8 +85,9 @@ class Agent:
             pull_backoff=Backoff(base=settings.backoff_base, cap=settings.backoff_cap),
             sandbox_image=self._sandbox_image,
             host_ip=self.host_ip,
+            on_status=self.cluster.on_status if self.cluster else None,
         )
-        self.workers = PodWorkers(self.kubelet)
+        self.workers = PodWorkers(self.cluster.syncer if self.cluster else self.kubelet)
         self.pleg = PLEG(
             self.runtime,
             on_pod_event=self.workers.kick,
@@ -119,9 +127,12 @@ class Agent:
             record = self.kubelet.record(uid)
             self.workers.remove(uid, record.pod if record else None)
         self._file_pods = set(snapshot.pods)
+        if self.cluster is not None:
+            self.cluster.set_static_pods(snapshot.pods)
 
     def _sources_synced(self) -> bool:
-        return self.manifests is None or self.manifests.synced.is_set()
+        files = self.manifests is None or self.manifests.synced.is_set()
+        return files and (self.cluster is None or self.cluster.synced)
 
     def _on_relist(self, runtime_uids: set[str]) -> None:
         # Until every source has reported, an unknown pod may simply not be read yet.
@@ -193,6 +204,17 @@ class Agent:
                  host_ip=self.host_ip)
         await self.server.start()
         try:
+            if self.cluster is not None:
+                # The Node first: the pod network uses its spec.podCIDR when set.
+                pod_cidr = await self.cluster.prepare()
+                if pod_cidr and pod_cidr != self.settings.pod_cidr:
+                    log.info("using the Node's pod CIDR", pod_cidr=pod_cidr)
+                    self.network = BridgeNetwork(
+                        bridge_name=self.settings.bridge_name,
+                        pod_cidr=pod_cidr,
+                        state_dir=Path(self.settings.root_dir) / "ipam",
+                    )
+                    self.kubelet.network = self.network
             await self._start_network()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.workers.run(), name="pod-workers")
@@ -200,7 +222,11 @@ class Agent:
                 tg.create_task(self._housekeeping(), name="housekeeping")
                 if self.manifests is not None:
                     tg.create_task(self.manifests.run(), name="manifest-source")
+                if self.cluster is not None:
+                    tg.create_task(self.cluster.run(), name="cluster-mode")
         finally:
+            if self.cluster is not None:
+                await self.cluster.client.close()
             await self.server.stop()
             await self.runtime.close()
             await self.network.stop()

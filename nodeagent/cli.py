@@ -58,6 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"nodeagent: {exc}", file=sys.stderr)
         return 2
+    if settings.kubeconfig:
+        # A bad kubeconfig is a usage error: say which file and field, exit 2.
+        from nodeagent.kube import KubeConfigError, load_kubeconfig
+
+        try:
+            load_kubeconfig(settings.kubeconfig)
+        except KubeConfigError as exc:
+            print(f"nodeagent: {exc}", file=sys.stderr)
+            return 2
     return asyncio.run(_run(settings, log))
 
 

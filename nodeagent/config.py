@@ -39,6 +39,22 @@ class Settings:
     max_pods: int = 110
     node_ip: str | None = None
     proxy: bool = True
+    # --- cluster mode (--kubeconfig) ---
+    # Extra node labels, "key=value,key2=value2" (kubelet's --node-labels).
+    node_labels: str = ""
+    # kubelet's client limits to the API server.
+    kube_api_qps: float = 50.0
+    kube_api_burst: int = 100
+    # Node status is computed this often and sent when it changed, or at least every
+    # node-status-report-period; the Lease is renewed every lease-renew-period.
+    node_status_update_period: float = 10.0
+    node_status_report_period: float = 300.0
+    lease_renew_period: float = 10.0
+    lease_duration_seconds: int = 40
+    # At start the Node is registered before the pod network comes up (so the network
+    # uses the Node's spec.podCIDR); with the API unreachable the network starts after
+    # this long with the last known (or configured) pod CIDR, and registration goes on.
+    node_registration_wait: float = 10.0
 
     @property
     def status_host_port(self) -> tuple[str, int]:
@@ -130,5 +146,35 @@ def validate(s: Settings) -> None:
         ) from None
     if not s.node_name or len(s.node_name) > 253:
         raise ConfigError(f"node-name: invalid node name {s.node_name!r}")
+    for name in ("node_status_update_period", "node_status_report_period", "lease_renew_period",
+                 "kube_api_burst", "lease_duration_seconds"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"{name.replace('_', '-')}: must be positive, got {getattr(s, name)}")
+    if s.kube_api_qps < 0 or s.node_registration_wait < 0:
+        raise ConfigError("kube-api-qps and node-registration-wait must not be negative")
+    if s.max_pods < 1:
+        raise ConfigError(f"max-pods: must be at least 1, got {s.max_pods}")
+    try:
+        parse_node_labels(s.node_labels)
+    except ValueError as exc:
+        raise ConfigError(f"node-labels: {exc}") from None
     if s.manifest_dir is None and s.kubeconfig is None:
         raise ConfigError("nothing to run: give --manifest-dir, --kubeconfig, or both")
+
+
+def parse_node_labels(text: str) -> dict[str, str]:
+    """ "a=b,c=d" -> {"a": "b", "c": "d"}; label keys and values as Kubernetes allows."""
+    from nodeagent.podspec import is_label_value, is_qualified_name
+
+    labels: dict[str, str] = {}
+    for part in (p.strip() for p in (text or "").split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not is_qualified_name(key):
+            raise ValueError(f"{part!r} is not KEY=VALUE with a valid label key")
+        if not is_label_value(value):
+            raise ValueError(f"label {key}: {value!r} is not a valid label value")
+        labels[key] = value
+    return labels

@@ -231,7 +231,8 @@ def _source_data(
     if data is None:
         if optional:
             return None
-        raise ConfigError(f"{where}: {label} {namespace}/{name} not found")
+        # kubelet's wording (what `kubectl describe` shows): configmap "x" not found
+        raise ConfigError(f'{where}: {label.lower()} "{name}" not found')
     return data
 
 
@@ -264,6 +265,8 @@ def make_environment(
         prefix = src.get("prefix") or ""
         invalid: list[str] = []
         for key, value in (data or {}).items():
+            if kind == "configMap" and isinstance(value, bytes):
+                continue  # binaryData: kubelet builds env from a ConfigMap's text data only
             name = prefix + key
             if not is_env_var_name(name):
                 invalid.append(key)
@@ -303,7 +306,7 @@ def make_environment(
             data = _source_data(env_sources, kind, namespace, ref_name, optional, where)
             if data is None:
                 continue
-            if key not in data:
+            if key not in data or (kind == "configMap" and isinstance(data[key], bytes)):
                 if optional:
                     continue
                 label = "ConfigMap" if kind == "configMap" else "Secret"

@@ -432,7 +432,11 @@ class VolumeManager:
         # Gather first: a missing ConfigMap must not leave an empty directory behind.
         files = self._content_payload(pod, name, source, body)
         path = self.volume_dir(uid, source, name)
-        path.mkdir(parents=True, exist_ok=True)
+        if not path.is_dir():
+            path.mkdir(parents=True, exist_ok=True)
+            # kubelet backs content volumes with an emptyDir: the directory is 0777 (a
+            # tmpfs root, for secret/projected, is 1777 by itself).
+            os.chmod(path, EMPTY_DIR_MODE)
         if source in MEMORY_BACKED_CONTENT and not is_mount_point(path):
             mount_tmpfs(path, memory_volume_size(pod, None, self.node.memory_bytes))
         try:
@@ -460,13 +464,25 @@ class VolumeManager:
             elif src.get("downwardAPI") is not None:
                 part = self._downward_files(pod, name, src["downwardAPI"], default_mode)
             elif src.get("serviceAccountToken") is not None:
-                raise ConfigError(f"volume {name!r}: serviceAccountToken projections need cluster mode "
-                                  "(this node runs without an API server)")
+                part = self._token_file(pod, name, src["serviceAccountToken"], default_mode)
             else:
                 kinds = ", ".join(k for k in src) or "nothing"
                 raise ConfigError(f"volume {name!r}: unsupported projected source ({kinds})")
             files.update(part)
         return files
+
+    def _token_file(self, pod: dict, name: str, body: dict, default_mode: int) -> dict[str, tuple[bytes, int]]:
+        # Cluster mode: sources with service_account_token(pod, projection) -> bytes
+        # (ClusterEnvSources, backed by the TokenRequest API).
+        lookup = getattr(self.sources, "service_account_token", None)
+        if lookup is None:
+            raise ConfigError(f"volume {name!r}: serviceAccountToken projections need cluster mode "
+                              "(this node runs without an API server)")
+        try:
+            token = lookup(pod, body)
+        except ConfigError as exc:
+            raise ConfigError(f"volume {name!r}: {exc}") from None
+        return {body.get("path") or "token": (token, default_mode)}
 
     def _object_files(
         self, pod: dict, name: str, kind: str, body: dict, default_mode: int, *, top_level: bool
@@ -484,7 +500,8 @@ class VolumeManager:
         if data is None:
             if optional:
                 return {}
-            raise ConfigError(f"volume {name!r}: {label} {namespace}/{object_name} not found")
+            # kubelet's wording: configmap "x" not found / secret "x" not found
+            raise ConfigError(f'volume {name!r}: {label.lower()} "{object_name}" not found')
 
         def raw(value: str | bytes) -> bytes:
             return value if isinstance(value, bytes) else str(value).encode()

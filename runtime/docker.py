@@ -136,6 +136,10 @@ def _pod_ref(labels: Mapping[str, str]) -> PodRef | None:
         return None
 
 
+# Time for libnetwork's watch loop to process a sandbox's endpoint delete.
+_NETWORK_LEAVE_SETTLE = 0.02
+
+
 class DockerRuntime:
     """The RuntimeService for one node on one Docker engine.
 
@@ -168,6 +172,13 @@ class DockerRuntime:
         # image id -> (expires at, RepoDigests)
         self._image_cache: dict[str, tuple[float, list[str]]] = {}
         self._inspect_slots = asyncio.Semaphore(_INSPECT_CONCURRENCY)
+        # Docker 20.10's libnetwork deadlocks when two containers leave the same network
+        # while its watch loop processes a third's endpoint delete (lock-order bug,
+        # moby/moby#46661, fixed upstream only after 20.10.24, which Debian ships). Only
+        # sandboxes (pause containers on the "none"/"host" networks) hold network
+        # endpoints, so their exits are serialized, with a moment for the watch loop to
+        # drain; app containers share the sandbox's namespace and are not affected.
+        self._network_leave = asyncio.Lock()
         # Engine calls made for inspects (tests check relists stay cheap).
         self.inspect_calls = 0
 
@@ -252,7 +263,9 @@ class DockerRuntime:
                 pass
 
         await _run_all(stop_quietly(entry["Id"]) for entry in members)
-        await self.stop_container(sandbox_id, timeout)
+        async with self._network_leave:
+            await self.stop_container(sandbox_id, timeout)
+            await asyncio.sleep(_NETWORK_LEAVE_SETTLE)
 
     async def remove_pod_sandbox(self, sandbox_id: str) -> None:
         """Remove the sandbox's containers (forcibly) and then the pause container."""
@@ -266,7 +279,9 @@ class DockerRuntime:
                 pass
 
         await _run_all(remove_quietly(entry["Id"]) for entry in members)
-        await self.remove_container(sandbox_id)
+        async with self._network_leave:
+            await self.remove_container(sandbox_id)
+            await asyncio.sleep(_NETWORK_LEAVE_SETTLE)
 
     async def list_pod_sandboxes(self, pod_uid: str | None = None) -> list[SandboxStatus]:
         return await self._relist(L.TYPE_SANDBOX, pod_uid, self._sandbox_status)  # type: ignore[arg-type]

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Hashable, Mapping
 
 from .ruleset import Chain, ElementKey, ElementValue, Fragment, SetSpec
-from .stmts import Rule
 
 Owner = Hashable
 _ABSENT = object()
@@ -40,7 +39,7 @@ class Plan:
     flush_chains: list[str] = field(default_factory=list)
     flush_sets: list[str] = field(default_factory=list)
     del_elements: dict[str, list[ElementKey]] = field(default_factory=dict)
-    rules: list[tuple[str, tuple[Rule, ...]]] = field(default_factory=list)
+    rules: list[Chain] = field(default_factory=list)  # chains whose rules are (re)added
     add_elements: dict[str, list[tuple[ElementKey, ElementValue]]] = field(default_factory=dict)
     del_chains: list[str] = field(default_factory=list)
     del_sets: list[str] = field(default_factory=list)
@@ -56,7 +55,7 @@ class Plan:
             "chains_added": len(self.new_chains),
             "chains_rewritten": len(self.flush_chains) - len(self.del_chains),
             "chains_deleted": len(self.del_chains),
-            "rules": sum(len(rules) for _, rules in self.rules),
+            "rules": sum(len(chain.rules) for chain in self.rules),
             "elements_added": sum(len(v) for v in self.add_elements.values()),
             "elements_deleted": sum(len(v) for v in self.del_elements.values()),
             "sets_added": len(self.new_sets),
@@ -83,7 +82,9 @@ class Transition:
 @dataclass
 class AppliedState:
     fragments: dict[Owner, Fragment] = field(default_factory=dict)
-    claims: dict[tuple[str, ElementKey], list[tuple[Owner, ElementValue]]] = field(default_factory=dict)
+    # holders are tuples (not lists): tuples of atomic values are invisible to the
+    # cyclic GC, and there is one per element (100,000+ in a large cluster)
+    claims: dict[tuple[str, ElementKey], tuple[tuple[Owner, ElementValue], ...]] = field(default_factory=dict)
     # every set of every fragment by name (to encode element keys without a full scan)
     set_index: dict[str, SetSpec] = field(default_factory=dict)
 
@@ -100,7 +101,7 @@ class AppliedState:
                 self.set_index.update(frag.sets)
         for key, holders in transition.claims.items():
             if holders:
-                self.claims[key] = holders
+                self.claims[key] = tuple(holders)
             else:
                 self.claims.pop(key, None)
 
@@ -136,12 +137,12 @@ def transition(state: AppliedState, updates: dict[Owner, Fragment | None], *,
             prev = old_chains.get(name)
             if prev is None:
                 plan.new_chains.append(chain)
-                plan.rules.append((name, chain.rules))
+                plan.rules.append(chain)
             elif prev != chain:
                 if prev.hook != chain.hook:
                     raise NeedsRecreate(f"chain {name} changed its hook")
                 plan.flush_chains.append(name)
-                plan.rules.append((name, chain.rules))
+                plan.rules.append(chain)
         for name in old_chains.keys() - new_chains.keys():
             plan.flush_chains.append(name)
             plan.del_chains.append(name)
@@ -233,7 +234,7 @@ def full_plan(state: AppliedState, existing_chains: set[str] | None,
     stale_chains = sorted(existing_chains - chains.keys())
     plan.flush_chains += stale_chains
     plan.flush_sets = [name for name, spec in sets.items() if not spec.dynamic and name in existing_sets]
-    plan.rules = [(name, chain.rules) for name, chain in chains.items()]
+    plan.rules = list(chains.values())
     for (set_name, key), value in state.effective_elements().items():
         plan.add_elements.setdefault(set_name, []).append((key, value))
     plan.del_chains = stale_chains

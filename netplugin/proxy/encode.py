@@ -10,7 +10,7 @@ from functools import lru_cache
 from . import nfnl
 from .diff import Plan
 from .ruleset import ElementKey, ElementValue, SetSpec
-from .stmts import PROTO_NUMBERS, Rule, encode_rule, rule_text
+from .stmts import PROTO_NUMBERS, NumgenVmap, Rule, encode_rule, rule_text
 
 _FIELDS = {
     "ipv4_addr": (nfnl.TYPE_IPADDR, 4),
@@ -105,8 +105,8 @@ class _Context:
         return set_id
 
 
-def _rule_what(chain: str, rule: Rule) -> str:
-    return f"add rule to chain {chain}: {rule_text(rule)}"
+def _rule_what(index: int, chain: str, rules: tuple[Rule, ...]) -> str:
+    return f"add rule to chain {chain}: {rule_text(rules[index])}"
 
 
 def new_set(batch: nfnl.Batch, table: str, spec: SetSpec) -> None:
@@ -140,10 +140,21 @@ def encode_plan(table: str, plan: Plan, first_seq: int = 1) -> nfnl.Batch:
         spec = plan.set_specs[set_name]
         batch.set_elements(table, set_name, [encode_element(spec, k, None) for k in keys], delete=True)
     table_attr = nfnl.strz(1, table)
-    for chain_name, rules in plan.rules:
-        head = table_attr + nfnl.strz(2, chain_name)
-        for rule in rules:
-            batch.new_rule_raw(head, encode_rule(rule, ctx), (_rule_what, chain_name, rule))
+    for chain in plan.rules:
+        head = table_attr + nfnl.strz(2, chain.name)
+        rules = chain.rules
+        if chain.encoded is not None:
+            batch.new_rules(head, chain.encoded, (_rule_what, chain.name, rules))
+        elif any(isinstance(stmt, NumgenVmap) for rule in rules for stmt in rule):
+            # anonymous maps add their own messages between the rules (and get new set
+            # ids in every batch, so this chain's encoding cannot be reused)
+            for rule in rules:
+                exprs = encode_rule(rule, ctx)
+                batch.new_rule_raw(head, exprs, f"add rule to chain {chain.name}: {rule_text(rule)}")
+        else:
+            encoded = tuple([encode_rule(rule, ctx) for rule in rules])
+            object.__setattr__(chain, "encoded", encoded)  # a cache, see Chain.encoded
+            batch.new_rules(head, encoded, (_rule_what, chain.name, rules))
     for set_name, items in plan.add_elements.items():
         batch.set_elements(table, set_name, encode_elements(plan.set_specs[set_name], items))
     for name in plan.del_chains:

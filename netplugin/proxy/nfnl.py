@@ -9,6 +9,7 @@ every construct is verified by reading it back with ``nft list table`` in the te
 
 from __future__ import annotations
 
+import bisect
 import struct
 from dataclasses import dataclass, field
 
@@ -253,65 +254,87 @@ def udata(*items: tuple[int, bytes]) -> bytes:
 class Batch:
     """One nfnetlink transaction: BEGIN, the operations, END.
 
-    Every operation keeps a short description so that a kernel error (which names the
-    failing message by sequence number) can be reported as "add rule to chain X".
+    Messages are packed into one buffer as they are added. Each operation can be
+    described ("add rule to chain X: ...") so that a kernel error, which names the failing
+    message by sequence number, is reported in words. Descriptions are kept per run of
+    messages (a segment) and formatted only when needed: 100,000 rules should not cost
+    100,000 strings.
     """
 
     family: int = NFPROTO_IPV4
     first_seq: int = 1
-    _parts: list[bytes] = field(default_factory=list)
-    _what: list[object] = field(default_factory=list)  # str, or (callable, arg) formatted lazily
+    _buf: bytearray = field(default_factory=bytearray)
+    _count: int = 0  # messages so far, BEGIN included
+    _last_offset: int = 0
+    _segment_starts: list[int] = field(default_factory=list)
+    _segment_what: list[object] = field(default_factory=list)
     _next_set_id: int = 1
+    _finished: tuple[bytes, int, int] | None = None
 
     def __post_init__(self) -> None:
         self._nfgen = _NFGEN.pack(self.family, 0, 0)
-        self._parts.append(self._header(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, self.first_seq, _BATCH_NFGEN))
-        self._what.append("batch begin")
+        self._buf += self._header(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, self.first_seq, _BATCH_NFGEN)
+        self._count = 1
+        self._mark("batch begin")
 
     @staticmethod
     def _header(kind: int, flags: int, seq: int, body: bytes) -> bytes:
         return _HDR.pack(16 + len(body), kind, flags, seq, 0) + body
 
+    def _mark(self, what: object) -> None:
+        self._segment_starts.append(self._count - 1)
+        self._segment_what.append(what)
+
     def __len__(self) -> int:
-        return len(self._parts) - 1
+        return self._count - 1
 
     def new_set_id(self) -> int:
         self._next_set_id += 1
         return self._next_set_id
 
-    def add(self, msg_type: int, flags: int, attrs: bytes, what: object) -> None:
-        seq = self.first_seq + len(self._parts)
-        self._parts.append(_HDR.pack(20 + len(attrs), (NFNL_SUBSYS_NFTABLES << 8) | msg_type,
-                                     NLM_F_REQUEST | flags, seq, 0) + self._nfgen + attrs)
-        self._what.append(what)
+    def add(self, msg_type: int, flags: int, attrs: bytes, what: object = None) -> None:
+        """``what``: a description (str), or (fn, *args) called as fn(i, *args) with the
+        message's position i inside its segment; None continues the previous segment."""
+        if self._finished is not None:
+            raise RuntimeError("batch already finished")
+        self._last_offset = len(self._buf)
+        self._buf += _HDR.pack(20 + len(attrs), (NFNL_SUBSYS_NFTABLES << 8) | msg_type,
+                               NLM_F_REQUEST | flags, self.first_seq + self._count, 0)
+        self._buf += self._nfgen
+        self._buf += attrs
+        self._count += 1
+        if what is not None:
+            self._mark(what)
 
     def describe(self, seq: int) -> str:
         index = seq - self.first_seq
-        if 0 <= index < len(self._what):
-            what = self._what[index]
-            if isinstance(what, tuple):
-                return what[0](*what[1:])
-            return str(what)
-        return "batch end" if seq == self.last_seq else f"message seq {seq}"
+        if index == self._count:
+            return "batch end"
+        if not 0 <= index < self._count:
+            return f"message seq {seq}"
+        segment = bisect.bisect_right(self._segment_starts, index) - 1
+        what = self._segment_what[segment]
+        if isinstance(what, tuple):
+            return what[0](index - self._segment_starts[segment], *what[1:])
+        return str(what)
 
     @property
     def last_seq(self) -> int:
-        return self.first_seq + len(self._parts)
+        return self.first_seq + self._count
 
-    def finish(self) -> tuple[bytes, int, int]:
+    def finish(self) -> tuple[bytes | bytearray, int, int]:
         """Return (bytes, seq of the last operation, seq of END). The last operation and
         END carry NLM_F_ACK: the kernel answers after the whole batch was processed, so
         their acks mark the end of the reply stream."""
-        parts = list(self._parts)
-        last_op_seq = self.first_seq + len(parts) - 1
-        if len(parts) > 1:
-            last = bytearray(parts[-1])
-            flags = struct.unpack_from("=H", last, 6)[0] | NLM_F_ACK
-            struct.pack_into("=H", last, 6, flags)
-            parts[-1] = bytes(last)
-        end_seq = self.first_seq + len(parts)
-        parts.append(self._header(NFNL_MSG_BATCH_END, NLM_F_REQUEST | NLM_F_ACK, end_seq, _BATCH_NFGEN))
-        return b"".join(parts), last_op_seq, end_seq
+        if self._finished is None:
+            last_op_seq = self.first_seq + self._count - 1
+            if self._count > 1:
+                flags = struct.unpack_from("=H", self._buf, self._last_offset + 6)[0] | NLM_F_ACK
+                struct.pack_into("=H", self._buf, self._last_offset + 6, flags)
+            end_seq = self.first_seq + self._count
+            self._buf += self._header(NFNL_MSG_BATCH_END, NLM_F_REQUEST | NLM_F_ACK, end_seq, _BATCH_NFGEN)
+            self._finished = (self._buf, last_op_seq, end_seq)
+        return self._finished
 
     # ---- table
     def new_table(self, table: str) -> None:
@@ -339,7 +362,36 @@ class Batch:
         self.new_rule_raw(strz(1, table) + strz(2, chain), expressions,
                           what if what is not None else f"add rule to chain {chain}")
 
-    def new_rule_raw(self, table_chain_attrs: bytes, expressions: bytes, what: object) -> None:
+    def new_rules(self, table_chain_attrs: bytes, expressions: list[bytes] | tuple[bytes, ...],
+                  what: object = None) -> None:
+        """Append one chain's rules (the hot path of a full sync: one call per chain)."""
+        if not expressions:
+            return
+        if self._finished is not None:
+            raise RuntimeError("batch already finished")
+        if what is not None:
+            self._segment_starts.append(self._count)
+            self._segment_what.append(what)
+        buf, nfgen, head = self._buf, self._nfgen, table_chain_attrs
+        pack_hdr, pack_attr = _HDR.pack, _ATTR.pack
+        kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE
+        flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND
+        seq = self.first_seq + self._count
+        base = 20 + len(head) + 4
+        for exprs in expressions:
+            size = len(exprs)
+            pad = _PAD[size & 3]
+            self._last_offset = len(buf)
+            buf += pack_hdr(base + size + len(pad), kind, flags, seq, 0)
+            buf += nfgen
+            buf += head
+            buf += pack_attr(4 + size, 4 | NLA_F_NESTED)
+            buf += exprs
+            buf += pad
+            seq += 1
+        self._count += len(expressions)
+
+    def new_rule_raw(self, table_chain_attrs: bytes, expressions: bytes, what: object = None) -> None:
         """``table_chain_attrs``: strz(1, table) + strz(2, chain), computed once per chain."""
         size = 4 + len(expressions)
         self.add(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND,
@@ -382,9 +434,14 @@ class Batch:
         if set_id is not None:
             head += be32(4, set_id)
         verb = "delete" if delete else "add"
+        self._mark_elements(f"{verb} elements of {name}")
         for start in range(0, len(elements), chunk):
-            part = elements[start:start + chunk]
-            self.add(msg, flags, head + nest(3, *part), f"{verb} {len(part)} elements of {name}")
+            self.add(msg, flags, head + nest(3, *elements[start:start + chunk]))
+
+    def _mark_elements(self, what: str) -> None:
+        # the segment starts with the next message
+        self._segment_starts.append(self._count)
+        self._segment_what.append(what)
 
 
 def element(key: bytes, verdict: tuple[int, str | None] | None = None) -> bytes:

@@ -31,6 +31,7 @@ from .model import (
     HostPortMapping,
     InvalidService,
     ServiceError,
+    ServicePort,
     merge_endpoints,
     parse_service,
     service_key,
@@ -132,8 +133,10 @@ class ServiceProxy:
         self._full_sync_period = full_sync_period
         self._netns = netns
 
-        self._services: dict[tuple[str, str], dict] = {}
-        self._slices: dict[tuple[str, str], dict[str, dict]] = {}
+        # change trackers: objects are parsed and validated when they arrive (as
+        # kube-proxy's trackers do), the sync only turns them into rules
+        self._services: dict[tuple[str, str], list[ServicePort]] = {}
+        self._slices: dict[tuple[str, str], dict[str, dict[tuple[str, str], list[Endpoint]]]] = {}
         self._slice_owner: dict[tuple[str, str], tuple[str, str]] = {}
         self._host_ports: list[HostPortMapping] = []
         self._host_port_errors: list[str] = []
@@ -172,12 +175,24 @@ class ServiceProxy:
 
     def on_service(self, event: str, svc: dict) -> None:
         key = service_key(svc)
+        ports: list[ServicePort] | None = None
+        error: ServiceError | None = None
+        if event != "DELETED":
+            try:
+                ports = parse_service(svc, self._nodeport_range).ports  # type: ignore[arg-type]
+            except InvalidService as exc:
+                error = exc.error
         with self._event_lock:
-            if event == "DELETED":
+            if ports is None:
                 self._services.pop(key, None)
             else:
-                self._services[key] = svc
+                self._services[key] = ports
+            previous = self._errors.pop(key, None)
+            if error is not None:
+                self._errors[key] = error
             self._dirty.add(key)
+        if error is not None and error != previous:
+            log.error("service skipped", service=error.service, field=error.field, reason=error.message)
         self._wake()
 
     def on_endpoint_slice(self, event: str, slice_: dict) -> None:
@@ -190,7 +205,7 @@ class ServiceProxy:
                 self._slices.get(previous, {}).pop(slice_id[1], None)
                 self._dirty.add(previous)
             if event != "DELETED" and owner is not None:
-                self._slices.setdefault(owner, {})[slice_id[1]] = slice_
+                self._slices.setdefault(owner, {})[slice_id[1]] = slice_endpoints(slice_)
                 self._slice_owner[slice_id] = owner
                 self._dirty.add(owner)
         if owner is None and event != "DELETED":
@@ -318,6 +333,9 @@ class ServiceProxy:
                 global_dirty, self._global_dirty = self._global_dirty, False
                 services = {key: self._services.get(key) for key in dirty}
                 slices = {key: list(self._slices.get(key, {}).values()) for key in dirty}
+                for key in dirty:  # forget services and slices that are gone for good
+                    if key not in self._services and not self._slices.get(key):
+                        self._slices.pop(key, None)
                 host_ports = list(self._host_ports)
             started = time.monotonic()
             try:
@@ -364,6 +382,7 @@ class ServiceProxy:
     def _compute_and_write(self, dirty: set[tuple[str, str]], services: dict, slices: dict,
                            global_dirty: bool, host_ports: list[HostPortMapping], full: bool) -> "_Outcome":
         started = time.perf_counter()
+        cpu_started = time.thread_time()
         phases: dict[str, float] = {}
         with _gc_paused(full or len(dirty) > 1000):
             updates: dict[Any, Fragment | None] = {
@@ -383,38 +402,30 @@ class ServiceProxy:
             phases["build"] = time.perf_counter() - started
             target = None
             if full:
+                mark = time.perf_counter()
                 target = preview(base, trans)
+                phases["preview"] = time.perf_counter() - mark
                 summary = self._write_full(target, recreate, phases)
             else:
                 summary = self._write(trans.plan, phases)
         phases["total"] = time.perf_counter() - started
+        phases["cpu"] = time.thread_time() - cpu_started  # this thread, user + system (incl. netlink)
         return _Outcome(trans, target, full, summary, phases, old_views)
 
     def _old_views(self, key: Any) -> list:
         frag = self._state.fragments.get(key)
         return frag.services if frag else []
 
-    def _build_service(self, key: tuple[str, str], svc: dict | None, slices: list[dict]) -> Fragment | None:
-        if svc is None:
-            self._errors.pop(key, None)
-            return None
-        try:
-            parsed = parse_service(svc, self._nodeport_range)  # type: ignore[arg-type]
-        except InvalidService as exc:
-            if self._errors.get(key) != exc.error:
-                log.error("service skipped", service=exc.error.service, field=exc.error.field,
-                          reason=exc.error.message)
-            self._errors[key] = exc.error
-            return None
-        self._errors.pop(key, None)
-        if not parsed.ports:
+    def _build_service(self, key: tuple[str, str], ports: list[ServicePort] | None,
+                       slices: list[dict[tuple[str, str], list[Endpoint]]]) -> Fragment | None:
+        if not ports:  # deleted, invalid, headless or ExternalName
             return None
         groups: dict[tuple[str, str], list[list[Endpoint]]] = {}
-        for slice_ in slices:
-            for port_key, eps in slice_endpoints(slice_).items():
+        for parsed in slices:
+            for port_key, eps in parsed.items():
                 groups.setdefault(port_key, []).append(eps)
         endpoints = {port_key: merge_endpoints(lists) for port_key, lists in groups.items()}
-        return service_fragment(self._config, parsed.ports, endpoints)
+        return service_fragment(self._config, ports, endpoints)
 
     def _write(self, plan: Plan, phases: dict[str, float]) -> dict[str, int]:
         if plan.is_empty():
@@ -435,6 +446,7 @@ class ServiceProxy:
         sock = self._socket()
         mark = time.perf_counter()
         names = None if recreate else sock.list_names(self.table)
+        phases["list"] = time.perf_counter() - mark
         chains, sets = names if names is not None else (None, None)
         plan = full_plan(target, chains, sets, recreate=recreate)
         phases["plan"] = time.perf_counter() - mark

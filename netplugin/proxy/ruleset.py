@@ -108,6 +108,9 @@ class Chain:
     name: str
     rules: tuple[Rule, ...]
     hook: tuple[str, str, int] | None = None  # (type, hook, priority) for base chains
+    # the rules' netlink encoding, filled in by the first encode (chains are immutable,
+    # so periodic full resyncs reuse it); not part of the chain's identity
+    encoded: tuple[bytes, ...] | None = field(default=None, compare=False, repr=False)
 
 
 ElementKey = tuple

@@ -1,8 +1,9 @@
 """Rule statements: a tiny, hashable IR for nft rules.
 
-Statements are value objects: never mutated after construction. (They are not declared
-frozen only because frozen dataclasses cost 3x more to create, and a 10,000-service
-ruleset creates a few hundred thousand of them.)
+Statements are named tuples of plain values: immutable, cheap to create, and (being
+tuples of atomic values) ignored by Python's cyclic garbage collector, which matters
+when a 10,000-service ruleset holds a few hundred thousand of them. Each kind ends
+with a ``tag`` field so that statements of different kinds never compare equal.
 
 A rule is a tuple of statements. Statements compare by value, so the ruleset diff can
 tell whether a chain changed by comparing tuples, and each statement knows how to
@@ -15,9 +16,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from . import nfnl
 
@@ -72,13 +72,13 @@ def _prefix_match(field: str, cidr: str, negate: bool) -> bytes:
             + nfnl.e_cmp(op, net.network_address.packed))
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class IPMatch:
+class IPMatch(NamedTuple):
     """``ip saddr 10.0.0.0/8`` / ``ip daddr != 1.2.3.4``"""
 
     field: str
     cidr: str
     negate: bool = False
+    tag: str = "ipmatch"
 
     def encode(self, ctx: EncodeContext) -> bytes:
         return _prefix_match(self.field, self.cidr, self.negate)
@@ -88,12 +88,12 @@ class IPMatch:
         return f"ip {self.field} {'!= ' if self.negate else ''}{value}"
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class IPInSet:
+class IPInSet(NamedTuple):
     """``ip daddr @cluster-ips``"""
 
     field: str
     set_name: str
+    tag: str = "ipinset"
 
     def encode(self, ctx: EncodeContext) -> bytes:
         return (nfnl.e_payload(nfnl.PAYLOAD_NETWORK, _FIELD_OFFSET[self.field], 4)
@@ -103,11 +103,11 @@ class IPInSet:
         return f"ip {self.field} @{self.set_name}"
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class AddrPairInSet:
+class AddrPairInSet(NamedTuple):
     """``ip saddr . ip daddr @set``: used to spot hairpin traffic (source == DNAT target)."""
 
     set_name: str
+    tag: str = "addrpairinset"
 
     def encode(self, ctx: EncodeContext) -> bytes:
         return (nfnl.e_payload(nfnl.PAYLOAD_NETWORK, 12, 4, nfnl.REG_1)
@@ -118,9 +118,9 @@ class AddrPairInSet:
         return f"ip saddr . ip daddr @{self.set_name}"
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class L4ProtoMatch:
+class L4ProtoMatch(NamedTuple):
     proto: str
+    tag: str = "l4protomatch"
 
     def encode(self, ctx: EncodeContext) -> bytes:
         return _l4proto_match(self.proto)
@@ -135,11 +135,11 @@ def _l4proto_match(proto: str) -> bytes:
             + nfnl.e_cmp(nfnl.CMP_EQ, bytes((PROTO_NUMBERS[proto],))))
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class FibLocal:
+class FibLocal(NamedTuple):
     """``fib daddr type local`` (or saddr)."""
 
     field: str
+    tag: str = "fiblocal"
 
     def encode(self, ctx: EncodeContext) -> bytes:
         flags = nfnl.FIB_F_DADDR if self.field == "daddr" else nfnl.FIB_F_SADDR
@@ -150,8 +150,8 @@ class FibLocal:
         return f"fib {self.field} type local"
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class CtStateNew:
+class CtStateNew(NamedTuple):
+    tag: str = "ctstatenew"
     def encode(self, ctx: EncodeContext) -> bytes:
         return (nfnl.e_ct_load(nfnl.CT_KEY_STATE)
                 + nfnl.e_bitwise(4, struct.pack("=I", nfnl.CT_STATE_NEW), b"\0" * 4)
@@ -161,11 +161,11 @@ class CtStateNew:
         return "ct state new"
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class MarkUnset:
+class MarkUnset(NamedTuple):
     """``meta mark & BITS == 0``"""
 
     bits: int
+    tag: str = "markunset"
 
     def encode(self, ctx: EncodeContext) -> bytes:
         return (nfnl.e_meta_load(nfnl.META_MARK)
@@ -176,11 +176,11 @@ class MarkUnset:
         return f"meta mark & 0x{self.bits:08x} == 0x00000000"
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class NumgenPick:
+class NumgenPick(NamedTuple):
     """``numgen random mod N 0``: true with probability 1/N (a fresh draw per rule)."""
 
     modulus: int
+    tag: str = "numgenpick"
 
     def encode(self, ctx: EncodeContext) -> bytes:
         return _numgen_pick(self.modulus)
@@ -210,12 +210,12 @@ _KEY_TEXT = {"daddr": "ip daddr", "l4proto": "meta l4proto", "dport": "th dport"
 _CONCAT_REGS = (nfnl.REG_1, nfnl.REG32_01, nfnl.REG32_02)
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class Vmap:
+class Vmap(NamedTuple):
     """``ip daddr . meta l4proto . th dport vmap @service-ips``"""
 
     keys: tuple[str, ...]
     map_name: str
+    tag: str = "vmap"
 
     def encode(self, ctx: EncodeContext) -> bytes:
         loads = b"".join(_KEY_LOADERS[key](_CONCAT_REGS[i]) for i, key in enumerate(self.keys))
@@ -225,11 +225,11 @@ class Vmap:
         return " . ".join(_KEY_TEXT[k] for k in self.keys) + f" vmap @{self.map_name}"
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class NumgenVmap:
+class NumgenVmap(NamedTuple):
     """``numgen random mod N vmap { 0 : goto a, 1 : goto b }`` with an anonymous map."""
 
     targets: tuple[str, ...]
+    tag: str = "numgenvmap"
 
     def encode(self, ctx: EncodeContext) -> bytes:
         elements = [nfnl.element(struct.pack("=I", i), (nfnl.NFT_GOTO, chain))
@@ -247,10 +247,10 @@ _VERDICTS = {"accept": nfnl.NF_ACCEPT, "drop": nfnl.NF_DROP, "return": nfnl.NFT_
              "jump": nfnl.NFT_JUMP, "goto": nfnl.NFT_GOTO}
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class Verdict:
+class Verdict(NamedTuple):
     kind: str
     chain: str | None = None
+    tag: str = "verdict"
 
     def encode(self, ctx: EncodeContext) -> bytes:
         return _verdict(self.kind, self.chain)
@@ -264,11 +264,11 @@ def _verdict(kind: str, chain: str | None) -> bytes:
     return nfnl.e_verdict(_VERDICTS[kind], chain)
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class MarkOr:
+class MarkOr(NamedTuple):
     """``meta mark set meta mark | BITS``"""
 
     bits: int
+    tag: str = "markor"
 
     def encode(self, ctx: EncodeContext) -> bytes:
         return _mark_update(self.bits, True)
@@ -277,11 +277,11 @@ class MarkOr:
         return f"meta mark set meta mark | 0x{self.bits:08x}"
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class MarkXor:
+class MarkXor(NamedTuple):
     """``meta mark set meta mark ^ BITS`` (clears the bit once it was tested)."""
 
     bits: int
+    tag: str = "markxor"
 
     def encode(self, ctx: EncodeContext) -> bytes:
         return _mark_update(self.bits, False)
@@ -298,8 +298,8 @@ def _mark_update(bits: int, set_bits: bool) -> bytes:
             + nfnl.e_meta_set(nfnl.META_MARK))
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class Masquerade:
+class Masquerade(NamedTuple):
+    tag: str = "masquerade"
     def encode(self, ctx: EncodeContext) -> bytes:
         return nfnl.e_masquerade()
 
@@ -307,8 +307,7 @@ class Masquerade:
         return "masquerade fully-random"
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class DNAT:
+class DNAT(NamedTuple):
     """``dnat to 10.0.0.1:80``. nft's own syntax insists on a ``meta l4proto`` match
     first; the kernel does not, and every chain using this is only reachable through
     maps keyed by TCP/UDP/SCTP, so the match would be evaluated for nothing."""
@@ -316,6 +315,7 @@ class DNAT:
     proto: str
     ip: str
     port: int
+    tag: str = "dnat"
 
     def encode(self, ctx: EncodeContext) -> bytes:
         return _IMMEDIATE_ADDR_PREFIX + _ip_bytes(self.ip) + _immediate_port(self.port) + _DNAT_TAIL
@@ -328,9 +328,9 @@ _REJECT_CODES = {"port-unreachable": nfnl.ICMP_PORT_UNREACH,
                  "admin-prohibited": nfnl.ICMP_ADMIN_PROHIBITED}
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class Reject:
+class Reject(NamedTuple):
     code: str = "port-unreachable"
+    tag: str = "reject"
 
     def encode(self, ctx: EncodeContext) -> bytes:
         return nfnl.e_reject_icmp(_REJECT_CODES[self.code])
@@ -339,12 +339,12 @@ class Reject:
         return "reject" if self.code == "port-unreachable" else f"reject with icmp {self.code}"
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class UpdateSaddr:
+class UpdateSaddr(NamedTuple):
     """``update @set { ip saddr timeout 3h }``: (re)arm the client's affinity entry."""
 
     set_name: str
     timeout_s: int
+    tag: str = "updatesaddr"
 
     def encode(self, ctx: EncodeContext) -> bytes:
         return (nfnl.e_payload(nfnl.PAYLOAD_NETWORK, 12, 4)

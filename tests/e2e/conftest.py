@@ -24,7 +24,16 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-_NEXT_SUBNET = iter(range(10, 250))
+
+
+def unused_pod_subnet() -> int:
+    """A random N for 10.244.N.0/24 with no route on the host yet, so parallel runs
+    (and leftovers of a killed run) never share a range."""
+    import random
+
+    taken = subprocess.run(["ip", "-4", "route", "show"], capture_output=True, text=True).stdout
+    candidates = [n for n in range(10, 250) if f"10.244.{n}.0/24" not in taken]
+    return random.choice(candidates)
 
 
 def free_port() -> int:
@@ -49,7 +58,7 @@ class AgentProcess:
         self.manifest_dir.mkdir(exist_ok=True)
         self.root_dir = workdir / "root"
         self.port = free_port()
-        self.subnet = next(_NEXT_SUBNET)
+        self.subnet = unused_pod_subnet()
         self.pod_cidr = f"10.244.{self.subnet}.0/24"
         self.bridge = f"nae{token}"
         self.log_path = workdir / "agent.log"
@@ -209,9 +218,10 @@ class AgentProcess:
 
     def cleanup(self) -> None:
         self.stop()
-        ids = docker("ps", "-aq", "--filter", f"label=io.nodeagent.node={self.node_name}").split()
-        if ids:
-            docker("rm", "-f", *ids, check=False)
+        # One at a time: Docker 20.10's libnetwork can deadlock when many containers
+        # leave the same network at once (moby/moby#46661).
+        for cid in docker("ps", "-aq", "--filter", f"label=io.nodeagent.node={self.node_name}").split():
+            docker("rm", "-f", cid, check=False)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
         subprocess.run(["sh", "-c", f"grep -F '{self.root_dir}' /proc/mounts | cut -d' ' -f2 | xargs -r -n1 umount -l"],
                        capture_output=True)

@@ -54,7 +54,7 @@ def test_endpoint_change_rewrites_only_that_service() -> None:
                      ("default", "b"): frag("b", "10.96.0.2", ["10.244.2.1"])})
     plan = transition(state, {("default", "a"): frag("a", "10.96.0.1", ["10.244.1.1", "10.244.1.2"])}).plan
     assert plan.flush_chains == ["service-default/a/tcp/http"]
-    assert [name for name, _ in plan.rules] == ["service-default/a/tcp/http"]
+    assert [chain.name for chain in plan.rules] == ["service-default/a/tcp/http"]
     assert plan.add_elements == {HAIRPIN: [(("10.244.1.2", "10.244.1.2"), None)]}
     assert not plan.new_chains and not plan.del_chains and not plan.del_elements
     assert transition(state, {("default", "b"): frag("b", "10.96.0.2", ["10.244.2.1"])}).plan.is_empty()

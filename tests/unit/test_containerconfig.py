@@ -208,7 +208,7 @@ def test_config_map_and_secret_refs():
 
 def test_missing_config_map_and_key():
     sources = FakeSources(config_maps={("team", "cfg"): {"a": "1"}})
-    with pytest.raises(ConfigError, match="team/nope not found") as info:
+    with pytest.raises(ConfigError, match='configmap "nope" not found') as info:
         env_of({"name": "X", "valueFrom": {"configMapKeyRef": {"name": "nope", "key": "a"}}}, sources=sources)
     assert info.value.reason == "CreateContainerConfigError"
     assert "'X'" in str(info.value)
@@ -245,7 +245,7 @@ def test_env_from_order_prefix_and_invalid_keys():
                  env_from=[{"configMapRef": {"name": "one"}}, {"configMapRef": {"name": "two"}},
                            {"secretRef": {"name": "s"}, "prefix": "SEC_"}], sources=sources)
     assert env == {"A": "1", "B": "2", "C": "env-2", "SEC_TOKEN": "t"}
-    with pytest.raises(ConfigError, match="team/missing not found"):
+    with pytest.raises(ConfigError, match='configmap "missing" not found'):
         env_of(env_from=[{"configMapRef": {"name": "missing"}}], sources=sources)
 
 

@@ -262,7 +262,7 @@ async def test_config_map_items_optional_and_missing(root):
     assert stat.S_IMODE((path / "b").stat().st_mode) == 0o600
 
     missing = make_pod([{"name": "c", "configMap": {"name": "nope"}}], uid="pod-uid-2")
-    with pytest.raises(ConfigError, match="team/nope not found"):
+    with pytest.raises(ConfigError, match='configmap "nope" not found'):
         await manager.setup(missing)
     optional = make_pod([{"name": "c", "configMap": {"name": "nope", "optional": True}}], uid="pod-uid-3")
     optional_path = Path((await manager.setup(optional))["c"])
