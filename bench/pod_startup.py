@@ -112,8 +112,12 @@ async def direct_sequence(docker: aiodocker.Docker, tag: str, i: int) -> float:
 
 
 async def remove_labelled(docker: aiodocker.Docker, label: str) -> None:
-    containers = await docker.containers.list(all=True, filters={"label": [label]})
-    await asyncio.gather(*(c.delete(force=True) for c in containers), return_exceptions=True)
+    # One at a time: Docker 20.10's libnetwork deadlocks on concurrent network exits.
+    for c in await docker.containers.list(all=True, filters={"label": [label]}):
+        try:
+            await c.delete(force=True)
+        except aiodocker.DockerError:
+            pass
 
 
 def agent_cmd(workdir: Path, node: str, port: int, bridge: str) -> list[str]:

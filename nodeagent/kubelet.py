@@ -124,6 +124,8 @@ class Kubelet:
         # Image pull failures per (pod uid, container): reason shown until the retry.
         self._pull_failures: dict[tuple[str, str], tuple[str, str]] = {}
         self._start_times: dict[str, float] = {}
+        # Sandbox ids whose network this process has set up or verified.
+        self._network_ready: set[str] = set()
 
     # --- desired state -------------------------------------------------------------
 
@@ -185,6 +187,8 @@ class Kubelet:
             sandboxes = await self.runtime.list_pod_sandboxes(uid)
         elif actions.sandbox_id:
             sandbox = next((s for s in sandboxes if s.id == actions.sandbox_id), None)
+            if sandbox is not None and not terminating:
+                await self._ensure_network(pod, sandbox)
 
         for kill in actions.to_kill:
             log.info("killing container", pod=_fmt(pod), container=kill.name, reason=kill.reason)
@@ -233,11 +237,22 @@ class Kubelet:
         )
         if sandbox is None:
             raise NotFound(f"sandbox {sandbox_id[:12]} vanished right after it was created")
-        if not config.host_network:
-            if not sandbox.netns_path:
-                raise NetworkError(f"sandbox {sandbox_id[:12]} has no network namespace (not running?)")
-            await self.network.setup_pod(meta["uid"], sandbox.netns_path)
+        await self._ensure_network(pod, sandbox)
         return sandbox
+
+    async def _ensure_network(self, pod: dict, sandbox: SandboxStatus) -> None:
+        """Wire the sandbox's network once per sandbox and agent lifetime.
+
+        A sandbox adopted after a restart may have been started by an agent killed
+        before it set up the network; setup is idempotent, so checking each adopted
+        sandbox once repairs that and costs little for the rest.
+        """
+        if sandbox.host_network or sandbox.id in self._network_ready:
+            return
+        if not sandbox.netns_path:
+            raise NetworkError(f"sandbox {sandbox.id[:12]} has no network namespace (not running?)")
+        await self.network.setup_pod(pod["metadata"]["uid"], sandbox.netns_path)
+        self._network_ready.add(sandbox.id)
 
     async def _start_containers(
         self, pod: dict, sandbox: SandboxStatus, to_start, waiting: dict[str, tuple[str, str]]
@@ -374,6 +389,7 @@ class Kubelet:
             except NotFound:
                 pass
         await self.volumes.teardown(uid)
+        self._network_ready.difference_update(s.id for s in sandboxes)
         self.backoff.gc({k for k in self.pods if k != uid})
         self.pull_backoff.gc({k for k in self.pods if k != uid})
         log.info("pod removed", pod_uid=uid, pod=_fmt(pod) if pod else None)

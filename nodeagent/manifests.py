@@ -54,6 +54,9 @@ class _FileState:
     rejected: dict[str, tuple[dict, str]]  # uid -> (pod, message)
     services: list[dict]
     errors: list[str]
+    # Order in which the file first appeared: on a name clash the earlier file wins,
+    # so adding a duplicate never disturbs a running pod.
+    seq: int = 0
 
 
 class ManifestError(Exception):
@@ -102,6 +105,7 @@ class ManifestSource:
         self._files: dict[str, _FileState] = {}
         self._last_snapshot_key: object = None
         self._dir_error: str | None = None
+        self._next_seq = 0
         self.synced = asyncio.Event()
 
     async def run(self) -> None:
@@ -167,7 +171,14 @@ class ManifestSource:
             old = self._files.get(key)
             if old is not None and old.stamp == stamp:
                 continue
-            self._files[key] = self._parse_file(path, stamp, old)
+            state = self._parse_file(path, stamp, old)
+            if old is not None:
+                state.seq = old.seq
+            else:
+                state.seq = self._next_seq
+                self._next_seq += 1
+            self._files[key] = state
+            self._report_duplicates_across_files(path, state)
         for gone in set(self._files) - seen:
             log.info("manifest removed", file=gone)
             del self._files[gone]
@@ -176,7 +187,7 @@ class ManifestSource:
     def _snapshot(self) -> ManifestSnapshot:
         snap = ManifestSnapshot()
         owners: dict[tuple[str, str], str] = {}
-        for key in sorted(self._files):
+        for key in sorted(self._files, key=lambda k: self._files[k].seq):
             state = self._files[key]
             snap.errors.extend(state.errors)
             candidates = [(p, None) for p in state.pods] + list(state.rejected.values())
@@ -233,7 +244,6 @@ class ManifestSource:
                 state.services.append(svc)
                 continue
             self._add_pod(state, where, str(path), doc, previous)
-        self._report_duplicates_across_files(path, state)
         if not state.errors:
             log.info("manifest loaded", file=str(path), pods=len(state.pods), services=len(state.services))
         return state
@@ -284,18 +294,19 @@ class ManifestSource:
         pod["spec"]["nodeName"] = self.node_name
 
     def _report_duplicates_across_files(self, path: Path, state: _FileState) -> None:
-        mine = {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in state.pods}
-        mine |= {(p["metadata"]["namespace"], p["metadata"]["name"]) for p, _ in state.rejected.values()}
+        def idents(st: _FileState) -> set[tuple[str, str]]:
+            pods = st.pods + [p for p, _ in st.rejected.values()]
+            return {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in pods}
+
+        mine = idents(state)
         for other_key, other in self._files.items():
-            if other_key == str(path):
+            if other_key == str(path) or other.seq > state.seq:
                 continue
-            theirs = {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in other.pods}
-            for ns, name in sorted(mine & theirs):
-                winner, loser = sorted([str(path), other_key])
+            for ns, name in sorted(mine & idents(other)):
                 self._error(
                     state,
-                    ManifestError(loser, "metadata.name",
-                                  f"duplicate pod {ns}/{name}: already defined in {winner}; ignoring this one"),
+                    ManifestError(str(path), "metadata.name",
+                                  f"duplicate pod {ns}/{name}: already defined in {other_key}; ignoring this one"),
                 )
 
     def _keep_old(self, path: Path, stamp, old: _FileState | None, err: ManifestError) -> _FileState:

@@ -68,7 +68,9 @@ class PLEG:
                 if self.runtime_error != str(exc):
                     log.warning("relist failed; container runtime unavailable", error=str(exc))
                 self.runtime_error = str(exc) or type(exc).__name__
-                wait, delay = delay, min(delay * 2, 30.0)
+                # Retry at least every relist period, so recovery shows up on
+                # /healthz as soon as the engine is back.
+                wait, delay = delay, min(delay * 2, self.relist_period)
             try:
                 async with asyncio.timeout(wait):
                     await self._relist_now.wait()

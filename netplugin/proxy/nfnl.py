@@ -47,6 +47,7 @@ REG_VERDICT = 0
 REG_1 = 1  # 128-bit register 1 == 32-bit registers 8..11
 REG32_01 = 9
 REG32_02 = 10
+REG32_03 = 11
 
 # verdict codes
 NF_DROP = 0
@@ -97,6 +98,7 @@ TYPE_INTEGER = 4
 TYPE_IPADDR = 7
 TYPE_INET_PROTOCOL = 12
 TYPE_INET_SERVICE = 13
+TYPE_MARK = 19  # 32-bit, host byte order: what numgen produces
 TYPE_BITS = 6
 
 UDATA_SET_KEYBYTEORDER = 0
@@ -202,8 +204,8 @@ def e_lookup(set_name: str, sreg: int = REG_1, dreg: int | None = None,
     return expr("lookup", *parts)
 
 
-def e_numgen_random(modulus: int, dreg: int = REG_1) -> bytes:
-    return expr("numgen", be32(1, dreg), be32(2, modulus), be32(3, NUMGEN_RANDOM), be32(4, 0))
+def e_numgen_random(modulus: int, dreg: int = REG_1, offset: int = 0) -> bytes:
+    return expr("numgen", be32(1, dreg), be32(2, modulus), be32(3, NUMGEN_RANDOM), be32(4, offset))
 
 
 def e_dnat(addr_reg: int, proto_reg: int, flags: int | None = NAT_RANGE_PROTO_SPECIFIED) -> bytes:

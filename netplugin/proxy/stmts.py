@@ -225,6 +225,40 @@ class Vmap(NamedTuple):
         return " . ".join(_KEY_TEXT[k] for k in self.keys) + f" vmap @{self.map_name}"
 
 
+
+
+class MapDNAT(NamedTuple):
+    """``dnat ip to ip daddr . meta l4proto . th dport . numgen random mod N map @m``
+
+    Picks one of N endpoints at random and DNATs to it: the key (the frontend the
+    packet was sent to, plus a slot 0..N-1, shifted by ``offset``) is looked up in a
+    data map whose values are ``address . port``."""
+
+    keys: tuple[str, ...]
+    modulus: int
+    offset: int
+    map_name: str
+    tag: str = "mapdnat"
+
+    def encode(self, ctx: EncodeContext) -> bytes:
+        return _map_dnat(self.keys, self.modulus, self.offset, self.map_name)
+
+    def text(self) -> str:
+        offset = f" offset {self.offset}" if self.offset else ""
+        keys = " . ".join(_KEY_TEXT[k] for k in self.keys)
+        return f"dnat ip to {keys} . numgen random mod {self.modulus}{offset} map @{self.map_name}"
+
+
+@lru_cache(maxsize=4096)
+def _map_dnat(keys: tuple[str, ...], modulus: int, offset: int, map_name: str) -> bytes:
+    regs = (nfnl.REG_1, nfnl.REG32_01, nfnl.REG32_02, nfnl.REG32_03)
+    loads = b"".join(_KEY_LOADERS[key](regs[i]) for i, key in enumerate(keys))
+    # the lookup writes address (4 bytes) and port into registers 1 and 1+1
+    return (loads + nfnl.e_numgen_random(modulus, regs[len(keys)], offset)
+            + nfnl.e_lookup(map_name, dreg=nfnl.REG_1)
+            + nfnl.e_dnat(nfnl.REG_1, nfnl.REG32_01, flags=None))
+
+
 class NumgenVmap(NamedTuple):
     """``numgen random mod N vmap { 0 : goto a, 1 : goto b }`` with an anonymous map."""
 

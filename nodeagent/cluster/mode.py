@@ -116,6 +116,13 @@ class ClusterMode:
 
     def on_status(self, uid: str, status: dict) -> None:
         """Kubelet(on_status=...): never blocks."""
+        record = self.agent.kubelet.record(uid)
+        if record is not None and record.rejected:
+            # A rejected pod never had containers: like kubelet's rejectPod, its status
+            # carries phase, reason and message but no container statuses (which would
+            # show as ContainerCreating in kubectl instead of the reason).
+            status = {k: v for k, v in status.items()
+                      if k not in ("containerStatuses", "initContainerStatuses")}
         self.status.set_status(uid, status)
 
     def set_static_pods(self, pods: dict[str, dict]) -> None:

@@ -50,7 +50,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import datetime as dt
 import random
 import time
 from dataclasses import dataclass, field
@@ -185,10 +184,6 @@ def secret_data(obj: dict) -> dict[str, bytes]:
     return data
 
 
-def _parse_time(value: str) -> float:
-    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-
-
 # --- cache entries ---------------------------------------------------------------------
 
 
@@ -217,7 +212,7 @@ class _Entry:
 @dataclass(eq=False)
 class _Token:
     token: bytes = b""
-    expires: float = 0.0  # wall-clock time (server's expirationTimestamp)
+    expires: float = 0.0  # wall-clock time on the node
     ttl: int = 0
     jitter: float = 0.0
     error: str = ""
@@ -283,8 +278,8 @@ class ClusterEnvSources:
             entry = self._entries.get(ref)
             if entry is None:
                 entry = self._entries[ref] = _Entry(ref)
-                self._maybe_watch(entry)
             entry.users[uid] = now
+            self._maybe_watch(entry)
             waits.append(self._ensure_fresh(entry))
         for projection in token_projections(pod):
             waits.append(self._ensure_token(pod, projection))
@@ -507,12 +502,15 @@ class ClusterEnvSources:
             },
         }
         self.stats.token_requests += 1
+        # Lifetimes are measured on the node's clock from the moment of asking: never later
+        # than the server's view, and immune to clock skew between node and API server.
+        asked_at = self._clock()
         try:
             result = await self.client.create(R.SERVICEACCOUNTS, body, namespace, name=key.service_account,
                                               subresource="token")
             token = str(result["status"]["token"])
-            expires = _parse_time(result["status"]["expirationTimestamp"])
             ttl = int((result.get("spec") or {}).get("expirationSeconds") or key.expiration_seconds)
+            expires = asked_at + ttl
         except (ApiError, ApiConnectionError, KeyError, TypeError, ValueError) as exc:
             self.stats.token_failures += 1
             message = f"{exc.reason}: {exc.message}" if isinstance(exc, ApiError) else str(exc)

@@ -295,7 +295,7 @@ async def test_config_map_and_secret_volumes_layout_and_modes(cp, admin, sources
 
 @pytest.mark.root
 async def test_projected_volume_with_token_request(cp, admin, sources, volume_root):
-    await create_cm(admin, "kube-root-ca.crt", {"ca.crt": "PEM"})
+    ca_pem = (await admin.get(R.CONFIGMAPS, "kube-root-ca.crt", NS))["data"]["ca.crt"]  # per-namespace controller
     await create_secret(admin, "extra", {"key": "value"})
     pod = await create_pod(admin, "proj-pod", labels={"app": "proj", "tier": "web"}, volumes=[
         {"name": "all", "projected": {"defaultMode": 0o440, "sources": [
@@ -316,7 +316,7 @@ async def test_projected_volume_with_token_request(cp, admin, sources, volume_ro
     assert [mp for mp, fs in list_mounts() if mp == str(path) and fs == "tmpfs"]
     assert sorted(p for p in os.listdir(path) if not p.startswith("..")) == [
         "ca.crt", "labels", "namespace", "secret", "token"]
-    assert (path / "ca.crt").read_text() == "PEM"
+    assert (path / "ca.crt").read_text() == ca_pem
     assert (path / "secret" / "key").read_text() == "value"
     assert (path / "namespace").read_text() == NS
     assert (path / "labels").read_text() == 'app="proj"\ntier="web"'
@@ -510,3 +510,101 @@ async def test_forgotten_pods_are_collected(cp, admin, node_client):
     finally:
         task.cancel()
         await asyncio.wait([task])
+
+
+# --- end to end: the kubelet core with cluster sources and Docker --------------------------
+
+
+class HostNetworkOnly:
+    """A PodNetwork for hostNetwork pods: nothing to set up, nothing sent anywhere."""
+
+    async def start(self) -> None: ...
+
+    async def setup_pod(self, pod_uid, netns_path):
+        raise AssertionError("hostNetwork pods need no pod network")
+
+    async def teardown_pod(self, pod_uid, netns_path) -> None: ...
+
+    async def pod_status(self, pod_uid):
+        return None
+
+    async def garbage_collect(self, live_pod_uids):
+        return []
+
+
+async def docker_exec(container_id: str, *cmd: str) -> str:
+    proc = await asyncio.create_subprocess_exec("docker", "exec", container_id, *cmd,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, f"docker exec {cmd}: {err.decode()}"
+    return out.decode()
+
+
+@pytest.mark.docker
+@pytest.mark.root
+async def test_kubelet_runs_a_pod_with_cluster_references(cp, admin, node_client, volume_root):
+    import uuid
+
+    from nodeagent.backoff import Backoff
+    from nodeagent.kubelet import Kubelet
+    from runtime.docker import DockerRuntime
+    from runtime.images import DockerImageService
+    from runtime.pause_image import PAUSE_IMAGE, ensure_pause_image
+    from tests.runtime.conftest import remove_node_objects
+
+    docker_node = f"refs-{uuid.uuid4().hex[:12]}"  # labels every Docker object of this test
+    runtime = DockerRuntime(docker_node, call_timeout=20.0)
+    changes: list = []
+    sources = ClusterEnvSources(node_client, node_name=NODE, on_change=lambda *a: changes.append(a))
+    watcher = asyncio.create_task(sources.run())
+
+    async def sandbox_image() -> str:
+        await ensure_pause_image(runtime.docker, PAUSE_IMAGE)
+        return PAUSE_IMAGE
+
+    kubelet = Kubelet(node_name=NODE, runtime=runtime, images=DockerImageService(runtime, pull_timeout=60.0),
+                      network=HostNetworkOnly(), volumes=VolumeManager(volume_root, sources=sources,
+                                                                       node=NODE_RESOURCES),
+                      backoff=Backoff(base=1.0, cap=8.0), pull_backoff=Backoff(base=1.0, cap=8.0),
+                      sandbox_image=sandbox_image, host_ip="127.0.0.1", env_sources=sources)
+    try:
+        await create_cm(admin, "files", {"key": "v1"})
+        pod = await admin.create(R.PODS, {
+            "metadata": {"name": "e2e", "namespace": NS},
+            "spec": {"nodeName": NODE, "hostNetwork": True, "terminationGracePeriodSeconds": 1,
+                     "containers": [{
+                         "name": "app", "image": "busybox:1.35", "imagePullPolicy": "Never",
+                         "command": ["sh", "-c", "while true; do sleep 1; done"],
+                         "env": [{"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "settings",
+                                                                                    "key": "mode"}}}],
+                         "volumeMounts": [{"name": "files", "mountPath": "/etc/files"}]}],
+                     "volumes": [{"name": "files", "configMap": {"name": "files"}}]}}, NS)
+        uid = pod["metadata"]["uid"]
+        kubelet.set_desired(pod)
+        await kubelet.sync_pod(pod)
+        waiting = kubelet.pods[uid].status["containerStatuses"][0]["state"]["waiting"]
+        assert waiting["reason"] == "CreateContainerConfigError"
+        assert 'configmap "settings" not found' in waiting["message"]
+
+        await create_cm(admin, "settings", {"mode": "fast"})
+        await kubelet.sync_pod(pod)  # the kubelet's retry
+        status = kubelet.pods[uid].status["containerStatuses"][0]
+        assert "running" in status["state"], status
+        [container] = [c for c in await runtime.list_containers(uid) if c.name == "app"]
+        assert (await docker_exec(container.id, "sh", "-c", "echo \"$MODE\"")).strip() == "fast"
+        assert await docker_exec(container.id, "cat", "/etc/files/key") == "v1"
+
+        changes.clear()
+        await admin.patch(R.CONFIGMAPS, "files", {"data": {"key": "v2"}}, NS)
+        await wait_until(lambda: (CONFIG_MAP, NS, "files") in changes, what="on_change")
+        await kubelet.sync_pod(pod)  # what the agent's kick does
+        assert await docker_exec(container.id, "cat", "/etc/files/key") == "v2"
+        await admin.patch(R.CONFIGMAPS, "settings", {"data": {"mode": "slow"}}, NS)
+        await kubelet.sync_pod(pod)
+        assert (await docker_exec(container.id, "sh", "-c", "echo \"$MODE\"")).strip() == "fast"  # env never changes
+        await kubelet.terminate_pod(uid, pod)
+    finally:
+        watcher.cancel()
+        await asyncio.wait([watcher])
+        await runtime.close()
+        await asyncio.to_thread(remove_node_objects, docker_node)

@@ -204,7 +204,7 @@ def test_docker_down_at_start_and_later(agent_factory, tmp_path):
 
         proxy.up()
         a.wait_running_ready("d", timeout=60)
-        assert a.healthz()[0] == 200
+        a.wait_for("healthy", lambda: a.healthz()[0] == 200, timeout=15)
         ids = sorted(c["Id"] for c in a.containers())
 
         proxy.down()
