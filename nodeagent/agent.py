@@ -72,7 +72,7 @@ class Agent:
             pod_cidr=settings.pod_cidr,
             state_dir=root / "ipam",
         )
-        self.volumes = VolumeManager(root)
+        self.volumes = VolumeManager(root, sources=self.cluster.env_sources if self.cluster else None)
         self.kubelet = Kubelet(
             node_name=settings.node_name,
             runtime=self.runtime,
@@ -86,6 +86,8 @@ class Agent:
             sandbox_image=self._sandbox_image,
             host_ip=self.host_ip,
             on_status=self.cluster.on_status if self.cluster else None,
+            events=self.cluster.events if self.cluster else None,
+            env_sources=self.cluster.env_sources if self.cluster else None,
         )
         self.workers = PodWorkers(self.cluster.syncer if self.cluster else self.kubelet)
         self.pleg = PLEG(

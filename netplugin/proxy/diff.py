@@ -77,6 +77,7 @@ class Transition:
     fragments: dict[Owner, Fragment | None]  # owner -> new fragment (None: removed)
     claims: dict[tuple[str, ElementKey], list[tuple[Owner, ElementValue]]]  # touched keys
     conflicts: list[Conflict]
+    shared: dict[str, tuple[Chain, int]] = field(default_factory=dict)  # touched shared chains
 
 
 @dataclass
@@ -87,6 +88,8 @@ class AppliedState:
     claims: dict[tuple[str, ElementKey], tuple[tuple[Owner, ElementValue], ...]] = field(default_factory=dict)
     # every set of every fragment by name (to encode element keys without a full scan)
     set_index: dict[str, SetSpec] = field(default_factory=dict)
+    # shared chains (pick-N) and how many fragments want each
+    shared: dict[str, tuple[Chain, int]] = field(default_factory=dict)
 
     def adopt(self, transition: Transition) -> None:
         for owner, frag in transition.fragments.items():
@@ -104,6 +107,11 @@ class AppliedState:
                 self.claims[key] = tuple(holders)
             else:
                 self.claims.pop(key, None)
+        for name, entry in transition.shared.items():
+            if entry[1] > 0:
+                self.shared[name] = entry
+            else:
+                self.shared.pop(name, None)
 
     def effective_elements(self) -> dict[tuple[str, ElementKey], ElementValue]:
         return {key: holders[0][1] for key, holders in self.claims.items() if holders}
@@ -112,6 +120,7 @@ class AppliedState:
         out: dict[str, Chain] = {}
         for frag in self.fragments.values():
             out.update(frag.chains)
+        out.update((name, chain) for name, (chain, _) in self.shared.items())
         return out
 
     def sets(self) -> dict[str, SetSpec]:
@@ -128,6 +137,7 @@ def transition(state: AppliedState, updates: dict[Owner, Fragment | None], *,
     new_specs: dict[str, SetSpec] = {}
 
     claims = state.claims
+    shared: dict[str, tuple[Chain, int]] = {}
 
     for owner, new in updates.items():
         old = state.fragments.get(owner)
@@ -159,6 +169,13 @@ def transition(state: AppliedState, updates: dict[Owner, Fragment | None], *,
         for name in old_sets.keys() - new_sets.keys():
             plan.del_sets.append(name)
 
+        old_shared = old.shared_chains if old else {}
+        new_shared = new.shared_chains if new else {}
+        for name in new_shared.keys() ^ old_shared.keys():
+            chain = new_shared.get(name) or old_shared[name]
+            current = shared.get(name) or state.shared.get(name) or (chain, 0)
+            shared[name] = (current[0], current[1] + (1 if name in new_shared else -1))
+
         old_elements = old.elements if old else {}
         new_elements = new.elements if new else {}
         for key, now in new_elements.items():
@@ -187,6 +204,16 @@ def transition(state: AppliedState, updates: dict[Owner, Fragment | None], *,
                 holders = touched[key] = list(claims.get(key, ()))
             holders[:] = [h for h in holders if h[0] != owner]
 
+    # shared chains: created when the first fragment wants them, deleted with the last
+    for name, (chain, count) in shared.items():
+        before = state.shared.get(name, (chain, 0))[1]
+        if before == 0 and count > 0:
+            plan.new_chains.append(chain)
+            plan.rules.append(chain)
+        elif before > 0 and count == 0:
+            plan.flush_chains.append(name)
+            plan.del_chains.append(name)
+
     for key, holders in (touched.items() if with_plan else ()):
         before = claims.get(key)
         was = before[0][1] if before else _ABSENT
@@ -199,12 +226,12 @@ def transition(state: AppliedState, updates: dict[Owner, Fragment | None], *,
         if now is not _ABSENT:
             plan.add_elements.setdefault(set_name, []).append((element_key, now))
     plan.set_specs = ChainMap(new_specs, state.set_index)
-    return Transition(plan, dict(updates), touched, conflicts)
+    return Transition(plan, dict(updates), touched, conflicts, shared)
 
 
 def preview(state: AppliedState, trans: Transition) -> AppliedState:
     """The state as it would be after ``trans`` (shallow copies; for full plans)."""
-    after = AppliedState(dict(state.fragments), dict(state.claims), dict(state.set_index))
+    after = AppliedState(dict(state.fragments), dict(state.claims), dict(state.set_index), dict(state.shared))
     after.adopt(trans)
     return after
 
@@ -229,7 +256,8 @@ def full_plan(state: AppliedState, existing_chains: set[str] | None,
     existing_chains = existing_chains or set()
     existing_sets = existing_sets or set()
     plan.new_sets = list(sets.values())
-    plan.new_chains = list(chains.values())
+    # base chains first: `nft list` shows chains in creation order
+    plan.new_chains = sorted(chains.values(), key=lambda chain: chain.hook is None)
     plan.flush_chains = [name for name in chains if name in existing_chains]
     stale_chains = sorted(existing_chains - chains.keys())
     plan.flush_chains += stale_chains

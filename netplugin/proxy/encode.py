@@ -10,12 +10,13 @@ from functools import lru_cache
 from . import nfnl
 from .diff import Plan
 from .ruleset import ElementKey, ElementValue, SetSpec
-from .stmts import PROTO_NUMBERS, NumgenVmap, Rule, encode_rule, rule_text
+from .stmts import PROTO_NUMBERS, NumgenVmap, Rule, Verdict, encode_rule, rule_text
 
 _FIELDS = {
     "ipv4_addr": (nfnl.TYPE_IPADDR, 4),
     "inet_proto": (nfnl.TYPE_INET_PROTOCOL, 1),
     "inet_service": (nfnl.TYPE_INET_SERVICE, 2),
+    "mark": (nfnl.TYPE_MARK, 4),  # endpoint slots: numgen's output, host byte order
 }
 _VERDICT_CODES = {"goto": nfnl.NFT_GOTO, "jump": nfnl.NFT_JUMP, "drop": nfnl.NF_DROP,
                   "accept": nfnl.NF_ACCEPT, "return": nfnl.NFT_RETURN}
@@ -44,6 +45,8 @@ def encode_key(fields: tuple[str, ...], key: ElementKey) -> bytes:
             out.append(bytes((PROTO_NUMBERS[value], 0, 0, 0)) if concat else bytes((PROTO_NUMBERS[value],)))
         elif kind == "inet_service":
             out.append(struct.pack(">H", value) + (b"\0\0" if concat else b""))
+        elif kind == "mark":
+            out.append(struct.pack("=I", value))
         else:  # pragma: no cover - SetSpec keys are fixed in ruleset.py
             raise ValueError(f"unknown key field {kind}")
     return b"".join(out)
@@ -63,28 +66,50 @@ def _inet(ip: str) -> bytes:
     return socket.inet_pton(socket.AF_INET, ip)
 
 
+_SLOT = struct.Struct("=I").pack
 # the keys the ruleset uses, encoded without the generic per-field loop
 _FAST_KEYS = {
     ("ipv4_addr", "inet_proto", "inet_service"): lambda k: _inet(k[0]) + _proto_port(k[1], k[2]),
     ("inet_proto", "inet_service"): lambda k: _proto_port(k[0], k[1]),
     ("ipv4_addr", "ipv4_addr"): lambda k: _inet(k[0]) + _inet(k[1]),
     ("ipv4_addr",): lambda k: _inet(k[0]),
+    ("ipv4_addr", "inet_proto", "inet_service", "mark"): lambda k: _inet(k[0]) + _proto_port(k[1], k[2]) + _SLOT(k[3]),
+    ("inet_proto", "inet_service", "mark"): lambda k: _proto_port(k[0], k[1]) + _SLOT(k[2]),
 }
+# NFTA_SET_ELEM_DATA holding an 8-byte "address . port" value: fixed framing
+_ADDR_PORT_DATA = nfnl.nest(2, nfnl.attr(1, b"\0" * 8))[:-8]
+
+
+def _value(value: ElementValue) -> bytes:
+    if value is None:
+        return b""
+    if isinstance(value, Verdict):
+        return _verdict_data(value.kind, value.chain)
+    ip, port = value  # data maps: address . port
+    return _ADDR_PORT_DATA + _inet(ip) + struct.pack(">H", port) + b"\0\0"
 
 
 def encode_element(spec: SetSpec, key: ElementKey, value: ElementValue) -> bytes:
     fast = _FAST_KEYS.get(spec.key)
     raw_key = fast(key) if fast is not None else encode_key(spec.key, key)
-    return nfnl.element_raw(raw_key, _verdict_data(value.kind, value.chain) if value is not None else b"")
+    return nfnl.element_raw(raw_key, _value(value))
 
 
 def encode_elements(spec: SetSpec, items: list[tuple[ElementKey, ElementValue]]) -> list[bytes]:
     """Many elements of one set; the common shapes skip the generic per-element path."""
+    pton, af = socket.inet_pton, socket.AF_INET
     if spec.key == ("ipv4_addr", "ipv4_addr") and all(value is None for _, value in items):
         # hairpin pairs: 8-byte key, no data; the framing is the same for every element
         head = nfnl.element_raw(b"\0" * 8)[:-8]
-        pton, af = socket.inet_pton, socket.AF_INET
         return [head + pton(af, a) + pton(af, b) for (a, b), _ in items]
+    if spec.key == ("ipv4_addr", "inet_proto", "inet_service", "mark") and spec.data:
+        # endpoint slots: 16-byte key, 8-byte value
+        head = nfnl.element_raw(b"\0" * 16, _ADDR_PORT_DATA + b"\0" * 8)
+        key_head, data_head = head[:12], _ADDR_PORT_DATA
+        pack_port, slot = struct.Struct(">H").pack, _SLOT
+        return [key_head + pton(af, ip) + _proto_port(proto, port) + slot(n) + data_head
+                + pton(af, value[0]) + pack_port(value[1]) + b"\0\0"
+                for (ip, proto, port, n), value in items]
     return [encode_element(spec, key, value) for key, value in items]
 
 
@@ -116,9 +141,12 @@ def new_set(batch: nfnl.Batch, table: str, spec: SetSpec) -> None:
         flags |= nfnl.SET_F_MAP
     if spec.dynamic:
         flags |= nfnl.SET_F_TIMEOUT | nfnl.SET_F_EVAL
+    if spec.data:
+        flags |= nfnl.SET_F_MAP
     byteorder = nfnl.BYTEORDER_BIG if len(spec.key) == 1 else 0
     batch.new_set(table, spec.name, flags=flags, key_type=key_type, key_len=key_len,
-                  verdict_map=spec.verdict_map, key_byteorder=byteorder)
+                  verdict_map=spec.verdict_map, data=key_layout(spec.data) if spec.data else None,
+                  key_byteorder=byteorder)
 
 
 def encode_plan(table: str, plan: Plan, first_seq: int = 1) -> nfnl.Batch:

@@ -385,10 +385,11 @@ class ServiceProxy:
         cpu_started = time.thread_time()
         phases: dict[str, float] = {}
         with _gc_paused(full or len(dirty) > 1000):
-            updates: dict[Any, Fragment | None] = {
-                key: self._build_service(key, services[key], slices[key]) for key in dirty}
+            updates: dict[Any, Fragment | None] = {}
             if global_dirty or GLOBAL not in self._state.fragments:
                 updates[GLOBAL] = global_fragment(self._config, host_ports)
+            for key in dirty:
+                updates[key] = self._build_service(key, services[key], slices[key])
             recreate = self._recreate
             base = self._state
             try:

@@ -2,9 +2,10 @@
 
 The ruleset is the union of *fragments*: one global fragment (base chains, dispatch
 chains, the shared maps and sets, hostPorts, egress masquerade) and one fragment per
-Service. Chain and set names never collide between fragments (service objects carry
-the service's namespace/name/protocol/port in their names); map elements may be
-claimed by several fragments, which the diff (``diff.py``) reference-counts.
+Service. A fragment owns its chains and sets (service objects carry the service's
+namespace/name/protocol/port in their names, so they never collide); map elements and
+the shared ``pick-*`` chains may be wanted by several fragments, and the diff
+(``diff.py``) reference-counts them.
 
 Layout (table ``ip <name>``)::
 
@@ -14,14 +15,19 @@ Layout (table ``ip <name>``)::
     services        mark ClusterIP traffic from outside the cluster CIDR
                     ip daddr . meta l4proto . th dport vmap @service-ips
                     fib daddr type local ... meta l4proto . th dport vmap @service-nodeports
-    service-<svc>   pick an endpoint at random and DNAT to it (one rule per endpoint)
-    local-<svc>     the same over this node's endpoints (traffic policy Local)
-    external-<svc>  NodePort / externalIP / LB entry: masquerade or keep the source
-    endpoint-<svc>__<ip>/<port>  affinity update + DNAT (only with sessionAffinity, or
-                    when a service has more endpoints than ``cascade_limit``)
+    pick-N          choose one of N endpoints: numgen random mod N, looked up with the
+                    frontend (address . protocol . port, or protocol . NodePort) in the
+                    data maps @endpoints / @nodeport-endpoints, and DNAT to the result
+    pick-local-N    the same over this node's endpoints (stored at slot offset 65536)
+    pick-masquerade-N  mark for masquerade, then pick-N (external traffic)
+    external-<svc>  externalTrafficPolicy=Local entry: source kept, local endpoints
+    service-<svc>, local-<svc>, endpoint-<svc>__<ip>/<port>
+                    sessionAffinity=ClientIP services only: remembered client -> its
+                    endpoint chain, else a random one; the endpoint chain refreshes the
+                    client's affinity entry and DNATs
     filter-*        reject services without endpoints; drop unallocated service IPs
 
-docs/PROXY.md explains why endpoints are usually DNAT rules rather than chains.
+docs/PROXY.md explains the choices (and the kernel costs that forced them).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from .model import Endpoint, HostPortMapping, ServicePort, usable_endpoints
 from .stmts import (
     DNAT,
     AddrPairInSet,
+    MapDNAT,
     CtStateNew,
     FibLocal,
     IPInSet,
@@ -60,6 +67,8 @@ CLUSTER_IPS = "cluster-ips"
 HOSTPORTS = "hostports"
 HOSTPORT_IPS = "hostport-ips"
 HAIRPIN = "hairpin-endpoints"
+ENDPOINTS = "endpoints"
+NODEPORT_ENDPOINTS = "nodeport-endpoints"
 
 # regular chains of the global fragment
 SERVICES_CHAIN = "services"
@@ -74,6 +83,12 @@ KEY_IP_PROTO_PORT = ("ipv4_addr", "inet_proto", "inet_service")
 KEY_PROTO_PORT = ("inet_proto", "inet_service")
 KEY_IP = ("ipv4_addr",)
 KEY_IP_IP = ("ipv4_addr", "ipv4_addr")
+KEY_IP_PROTO_PORT_SLOT = ("ipv4_addr", "inet_proto", "inet_service", "mark")
+KEY_PROTO_PORT_SLOT = ("inet_proto", "inet_service", "mark")
+DATA_IP_PORT = ("ipv4_addr", "inet_service")
+# Slots of a frontend's endpoint list: the cluster-wide list at 0..N-1, this node's
+# endpoints (traffic policy Local) at LOCAL_SLOTS..LOCAL_SLOTS+M-1.
+LOCAL_SLOTS = 0x10000
 
 LOOPBACK = "127.0.0.0/8"
 DISPATCH_KEYS = ("daddr", "l4proto", "dport")
@@ -89,8 +104,8 @@ class ProxyConfig:
     node_ips: tuple[str, ...] = ()
     pod_cidr: str | None = None  # egress masquerade source; defaults to the cluster CIDR
     masquerade_bit: int = 0x4000
-    # Above this many endpoints a service picks through an anonymous verdict map
-    # instead of a cascade of numgen rules (see docs/PROXY.md for why not always).
+    # sessionAffinity services choose among endpoint chains: with a cascade of numgen
+    # rules up to this many endpoints, with an anonymous verdict map above it
     cascade_limit: int = 32
     egress_masquerade: bool = True
 
@@ -101,6 +116,7 @@ class SetSpec:
     key: tuple[str, ...]
     verdict_map: bool = False
     dynamic: bool = False  # flags dynamic,timeout: written from the packet path
+    data: tuple[str, ...] | None = None  # a data map: the value's fields
 
 
 @dataclass(frozen=True)
@@ -114,7 +130,8 @@ class Chain:
 
 
 ElementKey = tuple
-ElementValue = Verdict | None
+# a verdict (verdict maps), an (address, port) tuple (data maps), or None (plain sets)
+ElementValue = Verdict | tuple | None
 
 
 @dataclass
@@ -122,6 +139,8 @@ class Fragment:
     chains: dict[str, Chain] = field(default_factory=dict)
     sets: dict[str, SetSpec] = field(default_factory=dict)
     elements: dict[tuple[str, ElementKey], ElementValue] = field(default_factory=dict)
+    # chains several fragments may need, identical by name (pick-N): reference-counted
+    shared_chains: dict[str, Chain] = field(default_factory=dict)
     # what the fragment stands for, for `describe` and conntrack cleanup
     services: list["ServiceView"] = field(default_factory=list)
 
@@ -156,6 +175,8 @@ GLOBAL_SETS = (
     SetSpec(HOSTPORTS, KEY_PROTO_PORT, verdict_map=True),
     SetSpec(HOSTPORT_IPS, KEY_IP_PROTO_PORT, verdict_map=True),
     SetSpec(HAIRPIN, KEY_IP_IP),
+    SetSpec(ENDPOINTS, KEY_IP_PROTO_PORT_SLOT, data=DATA_IP_PORT),
+    SetSpec(NODEPORT_ENDPOINTS, KEY_PROTO_PORT_SLOT, data=DATA_IP_PORT),
 )
 
 # kube-proxy's priorities: filter checks run just before DNAT (-110) and, for locally
@@ -284,31 +305,20 @@ def external_chain(port: ServicePort) -> str:
     return f"external-{port.chain_id}"
 
 
-def _pick(port: ServicePort, endpoints: tuple[Endpoint, ...], use_chains: bool, limit: int) -> list[Rule]:
-    """Rules that send the packet to one endpoint, uniformly at random.
+def pick_chain(count: int, local: bool = False) -> Chain:
+    """The shared chain choosing one of ``count`` endpoints of whatever frontend the
+    packet was sent to: a ClusterIP/externalIP/LB address, or else a NodePort."""
+    offset = LOCAL_SLOTS if local else 0
+    name = f"pick-local-{count}" if local else f"pick-{count}"
+    return Chain(name, (
+        (MapDNAT(DISPATCH_KEYS, count, offset, ENDPOINTS),),
+        # only reached when the first lookup missed: the packet came to a NodePort
+        (MapDNAT(NODEPORT_KEYS, count, offset, NODEPORT_ENDPOINTS),),
+    ))
 
-    Normally a cascade where rule i fires with probability 1/(N-i) (uniform overall)
-    and DNATs itself. With endpoint chains (session affinity, or more than ``limit``
-    endpoints), affinity hits go straight to the remembered endpoint's chain and the
-    choice is a cascade of gotos, or one numgen lookup in an anonymous verdict map.
-    """
-    rules: list[Rule] = []
-    n = len(endpoints)
-    if not use_chains:
-        actions = [DNAT(port.protocol, ep.ip, ep.port) for ep in endpoints]
-    else:
-        targets = [endpoint_chain(port, ep) for ep in endpoints]
-        if port.affinity_timeout:
-            rules.extend((IPInSet("saddr", affinity_set(port, ep)), Verdict("goto", target))
-                         for ep, target in zip(endpoints, targets))
-        if n > limit:
-            rules.append((NumgenVmap(tuple(targets)),))
-            return rules
-        actions = [Verdict("goto", target) for target in targets]
-    for i, action in enumerate(actions[:-1]):
-        rules.append((numgen_pick(n - i), action))
-    rules.append((actions[-1],))
-    return rules
+
+def masquerade_pick_chain(count: int, mark: int) -> Chain:
+    return Chain(f"pick-masquerade-{count}", ((MarkOr(mark),), (Verdict("goto", f"pick-{count}"),)))
 
 
 def service_fragment(config: ProxyConfig, ports: list[ServicePort],
@@ -317,21 +327,127 @@ def service_fragment(config: ProxyConfig, ports: list[ServicePort],
     merged endpoints of all the service's slices."""
     frag = Fragment()
     for port in ports:
-        _add_service_port(frag, config, port, endpoints.get((port.name.port, port.protocol), []))
+        eps = endpoints.get((port.name.port, port.protocol), [])
+        if port.affinity_timeout:
+            _add_affinity_port(frag, config, port, eps)
+        else:
+            _add_port(frag, config, port, eps)
     return frag
 
 
-def _add_service_port(frag: Fragment, config: ProxyConfig, port: ServicePort, eps: list[Endpoint]) -> None:
-    mark = config.masquerade_bit
+def _lists(config: ProxyConfig, port: ServicePort, eps: list[Endpoint]) -> "ServiceView":
     cluster_eps = tuple(usable_endpoints(eps))
     local_eps = tuple(usable_endpoints([ep for ep in eps if ep.node_name == config.node_name]))
-    view = ServiceView(port, cluster_eps, local_eps, tuple(eps))
+    return ServiceView(port, cluster_eps, local_eps, tuple(eps))
+
+
+def _use_pick(frag: Fragment, count: int, local: bool = False) -> Verdict:
+    chain = pick_chain(count, local)
+    frag.shared_chains[chain.name] = chain
+    return Verdict("goto", chain.name)
+
+
+def _add_slots(frag: Fragment, set_name: str, frontend: tuple, eps: tuple[Endpoint, ...], first: int) -> None:
+    for slot, ep in enumerate(eps, first):
+        frag.elements[(set_name, frontend + (slot,))] = (ep.ip, ep.port)
+
+
+def _add_port(frag: Fragment, config: ProxyConfig, port: ServicePort, eps: list[Endpoint]) -> None:
+    """A service port without session affinity: everything is map elements, plus an
+    external-<svc> chain when externalTrafficPolicy is Local."""
+    view = _lists(config, port, eps)
     frag.services.append(view)
+    cluster_eps, local_eps = view.cluster_endpoints, view.local_endpoints
     proto = port.protocol
     reject = Verdict("goto", REJECT_CHAIN)
 
-    # the cluster-wide chain serves internal traffic (policy Cluster) and whatever
-    # external traffic reaches it; the local chain serves policy Local
+    # internal traffic: the ClusterIP, whose slots hold the internal policy's list
+    frag.elements[(CLUSTER_IPS, (port.cluster_ip,))] = None
+    cluster_key = (port.cluster_ip, proto, port.port)
+    internal = view.internal_endpoints
+    if internal:
+        frag.elements[(SERVICE_IPS, cluster_key)] = _use_pick(frag, len(internal))
+        _add_slots(frag, ENDPOINTS, cluster_key, internal, 0)
+    elif port.internal_policy_local and cluster_eps:
+        # endpoints exist, but none here: kube-proxy drops rather than rejects
+        frag.elements[(NO_ENDPOINT_SERVICES, cluster_key)] = Verdict("drop")
+    else:
+        frag.elements[(NO_ENDPOINT_SERVICES, cluster_key)] = reject
+    used = set(internal)
+
+    if port.has_external:
+        external_keys = [(ip, proto, port.port) for ip in port.external_ips + port.load_balancer_ips]
+        node_key = (proto, port.node_port) if port.node_port else None
+        if not cluster_eps:
+            for key in external_keys:
+                frag.elements[(NO_ENDPOINT_SERVICES, key)] = reject
+            if node_key:
+                frag.elements[(NO_ENDPOINT_NODEPORTS, node_key)] = reject
+        else:
+            # every external frontend holds the cluster-wide list at slots 0.. (also
+            # used by pods and the node itself under policy Local) and, with policy
+            # Local, this node's endpoints from LOCAL_SLOTS on
+            local_list = local_eps if port.external_policy_local else ()
+            for key in external_keys:
+                _add_slots(frag, ENDPOINTS, key, cluster_eps, 0)
+                _add_slots(frag, ENDPOINTS, key, local_list, LOCAL_SLOTS)
+            if node_key:
+                _add_slots(frag, NODEPORT_ENDPOINTS, node_key, cluster_eps, 0)
+                _add_slots(frag, NODEPORT_ENDPOINTS, node_key, local_list, LOCAL_SLOTS)
+            used.update(cluster_eps)
+            used.update(local_list)
+            to_cluster = _use_pick(frag, len(cluster_eps))
+            if not port.external_policy_local:
+                chain = masquerade_pick_chain(len(cluster_eps), config.masquerade_bit)
+                frag.shared_chains[chain.name] = chain
+                target = Verdict("goto", chain.name)
+            else:
+                # pods and the node itself still reach every endpoint (local sources
+                # are masqueraded so that replies come back here); other clients keep
+                # their address and reach this node's endpoints only, or are dropped
+                target = Verdict("goto", external_chain(port))
+                frag.add_chain(external_chain(port), [
+                    (IPMatch("saddr", config.cluster_cidr), to_cluster),
+                    (FibLocal("saddr"), MarkOr(config.masquerade_bit)),
+                    (FibLocal("saddr"), to_cluster),
+                    (_use_pick(frag, len(local_eps), local=True),) if local_eps else (Verdict("drop"),),
+                ])
+            for key in external_keys:
+                frag.elements[(SERVICE_IPS, key)] = target
+            if node_key:
+                frag.elements[(SERVICE_NODEPORTS, node_key)] = target
+    for ep in used:
+        frag.elements[(HAIRPIN, (ep.ip, ep.ip))] = None
+
+
+def _affinity_pick(port: ServicePort, endpoints: tuple[Endpoint, ...], limit: int) -> list[Rule]:
+    """A client seen recently goes to its endpoint's chain; others are spread uniformly:
+    a cascade where rule i fires with probability 1/(N-i), or above ``limit`` endpoints
+    one numgen lookup in an anonymous verdict map."""
+    targets = [endpoint_chain(port, ep) for ep in endpoints]
+    rules: list[Rule] = [(IPInSet("saddr", affinity_set(port, ep)), Verdict("goto", target))
+                         for ep, target in zip(endpoints, targets)]
+    n = len(targets)
+    if n > limit:
+        rules.append((NumgenVmap(tuple(targets)),))
+        return rules
+    for i, target in enumerate(targets[:-1]):
+        rules.append((numgen_pick(n - i), Verdict("goto", target)))
+    rules.append((Verdict("goto", targets[-1]),))
+    return rules
+
+
+def _add_affinity_port(frag: Fragment, config: ProxyConfig, port: ServicePort, eps: list[Endpoint]) -> None:
+    """sessionAffinity: ClientIP needs per-endpoint state (a dynamic set of clients per
+    endpoint, refreshed by the endpoint's chain), so these services keep kube-proxy's
+    chain-per-endpoint layout."""
+    mark = config.masquerade_bit
+    view = _lists(config, port, eps)
+    frag.services.append(view)
+    cluster_eps, local_eps = view.cluster_endpoints, view.local_endpoints
+    proto = port.protocol
+    reject = Verdict("goto", REJECT_CHAIN)
+
     need_cluster_chain = bool(cluster_eps) and (not port.internal_policy_local or port.has_external)
     need_local_chain = bool(local_eps) and (port.internal_policy_local or
                                            (port.has_external and port.external_policy_local))
@@ -340,31 +456,24 @@ def _add_service_port(frag: Fragment, config: ProxyConfig, port: ServicePort, ep
         chosen.update(dict.fromkeys(cluster_eps))
     if need_local_chain:
         chosen.update(dict.fromkeys(local_eps))
-    use_chains = bool(port.affinity_timeout) or max(len(cluster_eps), len(local_eps)) > config.cascade_limit
     for ep in chosen:
         frag.elements[(HAIRPIN, (ep.ip, ep.ip))] = None
-        if not use_chains:
-            continue
-        rules: list[Rule] = []
-        if port.affinity_timeout:
-            name = affinity_set(port, ep)
-            frag.sets[name] = SetSpec(name, KEY_IP, dynamic=True)
-            rules.append((UpdateSaddr(name, port.affinity_timeout),))
-        rules.append((DNAT(proto, ep.ip, ep.port),))
-        frag.add_chain(endpoint_chain(port, ep), rules)
-
+        name = affinity_set(port, ep)
+        frag.sets[name] = SetSpec(name, KEY_IP, dynamic=True)
+        frag.add_chain(endpoint_chain(port, ep), [
+            (UpdateSaddr(name, port.affinity_timeout or 0),),
+            (DNAT(proto, ep.ip, ep.port),),
+        ])
     if need_cluster_chain:
-        frag.add_chain(service_chain(port), _pick(port, cluster_eps, use_chains, config.cascade_limit))
+        frag.add_chain(service_chain(port), _affinity_pick(port, cluster_eps, config.cascade_limit))
     if need_local_chain:
-        frag.add_chain(local_chain(port), _pick(port, local_eps, use_chains, config.cascade_limit))
+        frag.add_chain(local_chain(port), _affinity_pick(port, local_eps, config.cascade_limit))
 
-    # internal traffic: the ClusterIP
     frag.elements[(CLUSTER_IPS, (port.cluster_ip,))] = None
     cluster_key = (port.cluster_ip, proto, port.port)
     if port.internal_policy_local and local_eps:
         frag.elements[(SERVICE_IPS, cluster_key)] = Verdict("goto", local_chain(port))
     elif port.internal_policy_local and cluster_eps:
-        # endpoints exist, but none here: kube-proxy drops rather than rejects
         frag.elements[(NO_ENDPOINT_SERVICES, cluster_key)] = Verdict("drop")
     elif cluster_eps:
         frag.elements[(SERVICE_IPS, cluster_key)] = Verdict("goto", service_chain(port))
@@ -373,7 +482,6 @@ def _add_service_port(frag: Fragment, config: ProxyConfig, port: ServicePort, ep
 
     if not port.has_external:
         return
-    # external traffic: NodePort, externalIPs, LoadBalancer ingress
     external_keys = [(ip, proto, port.port) for ip in port.external_ips + port.load_balancer_ips]
     if not cluster_eps:
         for key in external_keys:
@@ -383,9 +491,6 @@ def _add_service_port(frag: Fragment, config: ProxyConfig, port: ServicePort, ep
         return
     ext = external_chain(port)
     if port.external_policy_local:
-        # pods and the node itself still reach every endpoint (and local sources are
-        # masqueraded so replies come back); other clients keep their source address
-        # and only reach this node's endpoints, or are dropped when there are none
         rules = [
             (IPMatch("saddr", config.cluster_cidr), Verdict("goto", service_chain(port))),
             (FibLocal("saddr"), MarkOr(mark)),

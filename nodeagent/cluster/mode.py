@@ -23,11 +23,13 @@ import structlog
 
 from nodeagent.cluster.admission import ADMISSION_REASONS, REJECTED_PREFIX, admit
 from nodeagent.cluster.apisource import ApiPodSource
+from nodeagent.cluster.events import ApiEventRecorder
 from nodeagent.cluster.mirror import MirrorManager
 from nodeagent.cluster.node import NodeManager
+from nodeagent.cluster.refs import ClusterEnvSources
 from nodeagent.cluster.statusmanager import TERMINAL_PHASES, StatusManager
 from nodeagent.config import parse_node_labels
-from nodeagent.events import WARNING
+from nodeagent.events import NORMAL, WARNING
 from nodeagent.kube import KubeClient, load_kubeconfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -79,6 +81,13 @@ class ClusterMode:
         # file and field).
         self.client = KubeClient(load_kubeconfig(settings.kubeconfig),
                                  qps=settings.kube_api_qps, burst=settings.kube_api_burst)
+        # Events to the API (aggregated, rate-limited, never blocking) and configMap/
+        # secret/token lookups for env and volumes: given to the Kubelet and the
+        # VolumeManager by the Agent.
+        self.events = ApiEventRecorder(self.client, node_name=settings.node_name,
+                                       host_ip=agent.host_ip)
+        self.env_sources = ClusterEnvSources(self.client, node_name=settings.node_name,
+                                             on_change=self._on_reference_change)
         self.node = NodeManager(
             self.client,
             node_name=settings.node_name,
@@ -93,6 +102,7 @@ class ClusterMode:
             status_report_period=settings.node_status_report_period,
             lease_renew_period=settings.lease_renew_period,
             lease_duration_seconds=settings.lease_duration_seconds,
+            on_condition_change=self._on_node_condition,
         )
         self.status = StatusManager(self.client, resolve=self._resolve_status_target)
         self.mirrors = MirrorManager(
@@ -131,6 +141,7 @@ class ClusterMode:
 
     def pod_terminated(self, uid: str) -> None:
         self.status.forget(uid)
+        self.env_sources.release_pod(uid)
         self._admission.pop(uid, None)
 
     async def prepare(self) -> str | None:
@@ -168,14 +179,38 @@ class ClusterMode:
             log.warning("cannot remember the pod CIDR", path=str(path), error=str(exc))
 
     async def run(self) -> None:
+        self.events.node_event(NORMAL, "Starting", "Starting kubelet.")
         try:
             async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.events.run(), name="cluster-events")
+                tg.create_task(self.env_sources.run(), name="cluster-references")
                 tg.create_task(self.node.run(), name="cluster-node")
                 tg.create_task(self.source.run(), name="cluster-pod-source")
                 tg.create_task(self.status.run(), name="cluster-status-manager")
                 tg.create_task(self.mirrors.run(), name="cluster-mirror-pods")
         finally:
+            await self.env_sources.close()
             await self.client.close()
+
+    # --- references and node events ---------------------------------------------------
+
+    def _on_reference_change(self, kind: str, namespace: str, name: str) -> None:
+        """A ConfigMap/Secret changed: the pods using it resync (their volumes are
+        rewritten atomically on the next sync)."""
+        for uid in self.env_sources.pods_referencing(kind, namespace, name):
+            self.agent.workers.kick(uid)
+
+    def _on_node_condition(self, condition: dict) -> None:
+        """kubelet's node events: NodeReady / NodeNotReady and the pressure ones."""
+        kind, true = condition["type"], condition["status"] == "True"
+        if kind == "Ready":
+            reason = "NodeReady" if true else "NodeNotReady"
+        else:
+            reason = {"MemoryPressure": ("NodeHasInsufficientMemory", "NodeHasSufficientMemory"),
+                      "DiskPressure": ("NodeHasDiskPressure", "NodeHasNoDiskPressure"),
+                      "PIDPressure": ("NodeHasInsufficientPID", "NodeHasSufficientPID")}.get(
+                          kind, (kind, kind))[0 if true else 1]
+        self.events.node_event(NORMAL, reason, f"Node {self.node_name} status is now: {reason}")
 
     # --- node facts for the node manager ---------------------------------------------
 

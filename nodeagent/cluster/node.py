@@ -183,6 +183,7 @@ class NodeManager:
         status_report_period: float = 300.0,
         lease_renew_period: float = 10.0,
         lease_duration_seconds: int = 40,
+        on_condition_change: Callable[[dict], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
@@ -207,6 +208,7 @@ class NodeManager:
         self.lease_renew_period = lease_renew_period
         self.lease_duration_seconds = lease_duration_seconds
         self._clock = clock
+        self._on_condition_change = on_condition_change
         self.node: dict | None = None  # the API's Node, as last seen
         self.registered = asyncio.Event()
         self._register_needed = asyncio.Event()
@@ -297,6 +299,8 @@ class NodeManager:
                 cond["lastTransitionTime"] = old["lastTransitionTime"]
             else:
                 cond["lastTransitionTime"] = rfc3339(now)
+                if self._on_condition_change is not None:
+                    self._on_condition_change(cond)
             cond["lastHeartbeatTime"] = rfc3339(now)
             conditions.append(cond)
         self._conditions = {c["type"]: c for c in conditions}

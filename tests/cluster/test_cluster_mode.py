@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -273,4 +274,36 @@ async def test_static_pod_gets_a_mirror_pod(cp_recording, rkubectl, cluster_agen
     agent.remove("stat.yaml")
     await agent.wait("mirror pod removed", lambda: agent.api_pod(name) is None, 30)
 
+    assert schema_problems(cp) == []
+
+
+async def test_references_and_events_are_wired(cp_recording, rkubectl, cluster_agent_factory):
+    """The cluster-mode env/volume sources and the event recorder are in place: a pod
+    with the default service-account volume and a configMap env var runs, and kubelet's
+    events appear in `kubectl describe`."""
+    cp, kubectl = cp_recording, rkubectl
+    agent = await cluster_agent_factory(cp)
+    await agent.wait_node_ready()
+    await kubectl("create", "configmap", "settings", "--from-literal=greeting=hello")
+    pod = api_pod("withrefs", agent.node_name, [busybox(
+        "app", SLEEP_FOREVER, env=[{"name": "GREETING", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "greeting"}}}])])
+    del pod["spec"]["automountServiceAccountToken"]  # admission adds kube-api-access-*
+    await kubectl_apply(kubectl, pod)
+    running = await agent.wait_api_running_ready("withrefs")
+    assert any(v["name"].startswith("kube-api-access-") for v in running["spec"]["volumes"])
+    (app,) = [c for c in await agent.docker_containers(running["metadata"]["uid"], running_only=True)
+              if c["Config"]["Labels"]["io.kubernetes.container.name"] == "app"]
+    assert "GREETING=hello" in app["Config"]["Env"]
+    out = await asyncio.to_thread(subprocess.run, ["docker", "exec", app["Id"], "cat",
+                                  "/var/run/secrets/kubernetes.io/serviceaccount/namespace"],
+                                  capture_output=True, text=True, timeout=30)
+    assert out.stdout == "default"
+    described = await agent.wait("events in kubectl describe", lambda: asyncio.ensure_future(
+        kubectl("describe", "pod", "withrefs")), 20)
+    await agent.wait("Started event", lambda: "Started container app" in
+                     "\n".join(e.get("message", "") for e in cp.objects("events", "default")), 20)
+    assert "withrefs" in described.stdout
+    node_events = {e["reason"] for e in cp.objects("events", "default")
+                   if e["involvedObject"].get("kind") == "Node"}
+    assert {"Starting", "NodeReady"} <= node_events
     assert schema_problems(cp) == []

@@ -12,6 +12,7 @@ from netplugin.proxy.encode import encode_key, encode_plan, key_layout
 from netplugin.proxy.model import Endpoint, parse_service
 from netplugin.proxy.ruleset import (
     CLUSTER_IPS,
+    ENDPOINTS,
     HAIRPIN,
     NO_ENDPOINT_SERVICES,
     SERVICE_IPS,
@@ -43,34 +44,62 @@ def applied(updates: dict) -> AppliedState:
 def test_first_transition_creates_everything() -> None:
     trans = transition(AppliedState(), {GLOBAL: global_fragment(CONFIG), ("default", "a"): frag("a", "10.96.0.1", ["10.244.1.1"])})
     plan = trans.plan
-    assert "service-default/a/tcp/http" in {c.name for c in plan.new_chains}
+    assert {"services", "pick-1"} <= {c.name for c in plan.new_chains}
     assert not plan.flush_chains and not plan.del_chains and not plan.del_elements
-    assert plan.add_elements[SERVICE_IPS] == [(("10.96.0.1", "tcp", 80), Verdict("goto", "service-default/a/tcp/http"))]
+    assert plan.add_elements[SERVICE_IPS] == [(("10.96.0.1", "tcp", 80), Verdict("goto", "pick-1"))]
+    assert plan.add_elements[ENDPOINTS] == [(("10.96.0.1", "tcp", 80, 0), ("10.244.1.1", 8080))]
     assert trans.conflicts == []
 
 
-def test_endpoint_change_rewrites_only_that_service() -> None:
+def test_replacing_an_endpoint_only_swaps_elements() -> None:
     state = applied({GLOBAL: global_fragment(CONFIG), ("default", "a"): frag("a", "10.96.0.1", ["10.244.1.1"]),
                      ("default", "b"): frag("b", "10.96.0.2", ["10.244.2.1"])})
-    plan = transition(state, {("default", "a"): frag("a", "10.96.0.1", ["10.244.1.1", "10.244.1.2"])}).plan
-    assert plan.flush_chains == ["service-default/a/tcp/http"]
-    assert [chain.name for chain in plan.rules] == ["service-default/a/tcp/http"]
-    assert plan.add_elements == {HAIRPIN: [(("10.244.1.2", "10.244.1.2"), None)]}
-    assert not plan.new_chains and not plan.del_chains and not plan.del_elements
+    plan = transition(state, {("default", "a"): frag("a", "10.96.0.1", ["10.244.1.9"])}).plan
+    assert not plan.new_chains and not plan.flush_chains and not plan.rules and not plan.del_chains
+    assert plan.del_elements == {ENDPOINTS: [("10.96.0.1", "tcp", 80, 0)], HAIRPIN: [("10.244.1.1", "10.244.1.1")]}
+    assert plan.add_elements == {ENDPOINTS: [(("10.96.0.1", "tcp", 80, 0), ("10.244.1.9", 8080))],
+                                 HAIRPIN: [(("10.244.1.9", "10.244.1.9"), None)]}
     assert transition(state, {("default", "b"): frag("b", "10.96.0.2", ["10.244.2.1"])}).plan.is_empty()
 
 
-def test_removed_service_is_flushed_then_deleted() -> None:
-    state = applied({("default", "a"): frag("a", "10.96.0.1", ["10.244.1.1"])})
+def test_growing_a_service_moves_it_to_another_pick_chain() -> None:
+    state = applied({GLOBAL: global_fragment(CONFIG), ("default", "a"): frag("a", "10.96.0.1", ["10.244.1.1"]),
+                     ("default", "b"): frag("b", "10.96.0.2", ["10.244.2.1"])})
+    plan = transition(state, {("default", "a"): frag("a", "10.96.0.1", ["10.244.1.1", "10.244.1.2"])}).plan
+    assert [c.name for c in plan.new_chains] == ["pick-2"] and [c.name for c in plan.rules] == ["pick-2"]
+    assert not plan.del_chains  # b still uses pick-1
+    assert plan.del_elements[SERVICE_IPS] == [("10.96.0.1", "tcp", 80)]
+    assert plan.add_elements[SERVICE_IPS] == [(("10.96.0.1", "tcp", 80), Verdict("goto", "pick-2"))]
+    assert plan.add_elements[ENDPOINTS] == [(("10.96.0.1", "tcp", 80, 1), ("10.244.1.2", 8080))]
+
+
+def test_shared_chains_live_while_someone_needs_them() -> None:
+    state = applied({GLOBAL: global_fragment(CONFIG), ("default", "a"): frag("a", "10.96.0.1", ["10.244.1.1"]),
+                     ("default", "b"): frag("b", "10.96.0.2", ["10.244.2.1"])})
+    assert state.shared["pick-1"][1] == 2
+    trans = transition(state, {("default", "a"): None})
+    assert "pick-1" not in trans.plan.del_chains
+    # one leaves and another arrives in the same transaction: no churn
+    swap = transition(state, {("default", "a"): None, ("default", "b"): None,
+                              ("default", "c"): frag("c", "10.96.0.3", ["10.244.3.1"])}).plan
+    assert "pick-1" not in swap.del_chains and "pick-1" not in [c.name for c in swap.new_chains]
+    state.adopt(trans)
+    last = transition(state, {("default", "b"): None}).plan
+    assert last.flush_chains == ["pick-1"] == last.del_chains
+
+
+def test_removed_service_loses_all_its_elements() -> None:
+    state = applied({GLOBAL: global_fragment(CONFIG), ("default", "a"): frag("a", "10.96.0.1", ["10.244.1.1"])})
     plan = transition(state, {("default", "a"): None}).plan
-    assert plan.flush_chains == ["service-default/a/tcp/http"] == plan.del_chains
     assert plan.del_elements[SERVICE_IPS] == [("10.96.0.1", "tcp", 80)]
     assert plan.del_elements[CLUSTER_IPS] == [("10.96.0.1",)]
     assert plan.del_elements[HAIRPIN] == [("10.244.1.1", "10.244.1.1")]
+    assert plan.del_elements[ENDPOINTS] == [("10.96.0.1", "tcp", 80, 0)]
+    assert plan.del_chains == ["pick-1"]
 
 
 def test_shared_elements_are_reference_counted() -> None:
-    state = applied({("default", "a"): frag("a", "10.96.0.1", ["10.244.1.1"]),
+    state = applied({GLOBAL: global_fragment(CONFIG), ("default", "a"): frag("a", "10.96.0.1", ["10.244.1.1"]),
                      ("default", "b"): frag("b", "10.96.0.2", ["10.244.1.1"])})
     trans = transition(state, {("default", "a"): None})
     assert HAIRPIN not in trans.plan.del_elements  # still used by b
@@ -79,23 +108,24 @@ def test_shared_elements_are_reference_counted() -> None:
 
 
 def test_conflicting_claims_first_wins_and_the_next_takes_over() -> None:
-    state = applied({("default", "a"): frag("a", "10.96.0.1", ["10.244.1.1"])})
+    state = applied({GLOBAL: global_fragment(CONFIG), ("default", "a"): frag("a", "10.96.0.1", ["10.244.1.1"])})
     trans = transition(state, {("default", "b"): frag("b", "10.96.0.1", ["10.244.2.1"])})  # same ClusterIP:port
-    assert [(c.owner, c.set_name, c.holder) for c in trans.conflicts] == [
-        (("default", "b"), SERVICE_IPS, ("default", "a"))]
-    assert SERVICE_IPS not in trans.plan.add_elements  # a keeps it
+    # same dispatch (both "goto pick-1") is shared; the endpoint slot is contested
+    assert {(c.owner, c.set_name, c.holder) for c in trans.conflicts} == {
+        (("default", "b"), ENDPOINTS, ("default", "a"))}
+    assert SERVICE_IPS not in trans.plan.add_elements and ENDPOINTS not in trans.plan.add_elements  # a keeps it
     state.adopt(trans)
     handover = transition(state, {("default", "a"): None}).plan
-    assert handover.del_elements[SERVICE_IPS] == [("10.96.0.1", "tcp", 80)]
-    assert handover.add_elements[SERVICE_IPS] == [(("10.96.0.1", "tcp", 80), Verdict("goto", "service-default/b/tcp/http"))]
+    assert handover.del_elements[ENDPOINTS] == [("10.96.0.1", "tcp", 80, 0)]
+    assert handover.add_elements[ENDPOINTS] == [(("10.96.0.1", "tcp", 80, 0), ("10.244.2.1", 8080))]
 
 
 def test_losing_all_endpoints_swaps_dispatch_for_reject() -> None:
-    state = applied({("default", "a"): frag("a", "10.96.0.1", ["10.244.1.1"])})
+    state = applied({GLOBAL: global_fragment(CONFIG), ("default", "a"): frag("a", "10.96.0.1", ["10.244.1.1"])})
     plan = transition(state, {("default", "a"): frag("a", "10.96.0.1", [])}).plan
     assert plan.del_elements[SERVICE_IPS] == [("10.96.0.1", "tcp", 80)]
     assert plan.add_elements[NO_ENDPOINT_SERVICES] == [(("10.96.0.1", "tcp", 80), Verdict("goto", "reject-chain"))]
-    assert plan.del_chains == ["service-default/a/tcp/http"]
+    assert plan.del_chains == ["pick-1"]
 
 
 def test_set_type_change_needs_a_rebuild() -> None:
@@ -107,6 +137,7 @@ def test_set_type_change_needs_a_rebuild() -> None:
 def test_full_plan_rewrites_and_removes_leftovers() -> None:
     aff = "affinity-default/a/tcp/http__10.244.1.1/8080"
     a = frag("a", "10.96.0.1", ["10.244.1.1"])
+    assert "pick-1" in a.shared_chains
     a.sets[aff] = SetSpec(aff, ("ipv4_addr",), dynamic=True)
     state = applied({GLOBAL: global_fragment(CONFIG), ("default", "a"): a})
     existing_chains = {"services", "service-default/old/tcp/http"}
@@ -117,7 +148,7 @@ def test_full_plan_rewrites_and_removes_leftovers() -> None:
     assert plan.del_chains == ["service-default/old/tcp/http"]
     assert plan.del_sets == ["affinity-default/old/tcp/http__1.2.3.4/80"]  # anonymous sets belong to rules
     assert SERVICE_IPS in plan.flush_sets and aff not in plan.flush_sets  # affinity entries survive
-    assert len(plan.rules) == len(state.chains())
+    assert len(plan.rules) == len(state.chains()) and "pick-1" in {c.name for c in plan.rules}
     rebuilt = full_plan(state, existing_chains, existing_sets, recreate=True)
     assert rebuilt.destroy_table and not rebuilt.del_chains and not rebuilt.flush_chains
 
@@ -133,7 +164,8 @@ def _messages(data: bytes) -> list[tuple[int, int]]:
 
 def test_batch_order_and_framing() -> None:
     state = applied({GLOBAL: global_fragment(CONFIG), ("default", "a"): frag("a", "10.96.0.1", ["10.244.1.1"])})
-    trans = transition(state, {("default", "a"): None, ("default", "b"): frag("b", "10.96.0.2", ["10.244.1.2"])})
+    trans = transition(state, {("default", "a"): None,
+                               ("default", "b"): frag("b", "10.96.0.2", ["10.244.1.2", "10.244.1.3"])})
     batch = encode_plan("t", trans.plan, first_seq=100)
     data, last_seq, end_seq = batch.finish()
     kinds = [kind & 0xFF if kind >> 8 == nfnl.NFNL_SUBSYS_NFTABLES else kind for kind, _ in _messages(data)]
@@ -145,7 +177,11 @@ def test_batch_order_and_framing() -> None:
     assert end_seq == last_seq + 1 == 100 + len(body) + 1
     flags = _messages(data)
     assert flags[-1][1] & nfnl.NLM_F_ACK and flags[-2][1] & nfnl.NLM_F_ACK and not flags[1][1] & nfnl.NLM_F_ACK
-    assert "delete chain service-default/a/tcp/http" == batch.describe(end_seq - 1)
+    assert "delete chain pick-1" == batch.describe(end_seq - 1)
+    described = [batch.describe(seq) for seq in range(101, end_seq)]
+    assert "add chain pick-2" in described
+    assert "add rule to chain pick-2: dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 2 map @endpoints" in described
+    assert "add rule to chain pick-2: dnat ip to meta l4proto . th dport . numgen random mod 2 map @nodeport-endpoints" in described
 
 
 def test_key_encoding_matches_nft() -> None:

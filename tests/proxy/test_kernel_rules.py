@@ -55,17 +55,24 @@ async def test_every_construct_reads_back_as_written(node_ns) -> None:
         proxy.set_host_ports([HostPortMapping("TCP", 8080, "10.202.1.5", 80),
                               HostPortMapping("UDP", 5353, "10.202.1.6", 53, host_ip="10.202.200.1")])
         eps = [endpoint(f"10.202.1.{i}", node="node-a" if i % 2 else "node-b") for i in range(10, 15)]
+        # plain services: map elements and shared pick chains (eTP Local: external chain)
         proxy.on_service("ADDED", service("web", "10.203.0.10", type="LoadBalancer", externalIPs=["192.0.2.10"],
                                           externalTrafficPolicy="Local",
                                           ports=[{"name": "http", "port": 80, "nodePort": 30080}]))
         proxy.on_endpoint_slice("ADDED", endpoint_slice("web", eps))
-        proxy.on_service("ADDED", service("sticky", "10.203.0.11", sessionAffinity="ClientIP",
-                                          internalTrafficPolicy="Local"))
-        proxy.on_endpoint_slice("ADDED", endpoint_slice("sticky", eps[:2]))
-        proxy.on_service("ADDED", service("dns", "10.203.0.12", ports=[{"name": "dns", "port": 53, "protocol": "UDP"}]))
-        proxy.on_endpoint_slice("ADDED", endpoint_slice("dns", eps[:1], ports=[{"name": "dns", "port": 53, "protocol": "UDP"}]))
+        udp = [{"name": "dns", "port": 53, "protocol": "UDP"}]
+        proxy.on_service("ADDED", service("dns", "10.203.0.12", type="NodePort",
+                                          ports=[{"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}]))
+        proxy.on_endpoint_slice("ADDED", endpoint_slice("dns", eps[:1], ports=udp))
         proxy.on_service("ADDED", service("empty", "10.203.0.13", type="NodePort",
                                           ports=[{"name": "http", "port": 80, "nodePort": 30081}]))
+        # session affinity: chains per endpoint (cascade, or a verdict map above 3)
+        proxy.on_service("ADDED", service("sticky", "10.203.0.11", sessionAffinity="ClientIP"))
+        proxy.on_endpoint_slice("ADDED", endpoint_slice("sticky", eps))
+        proxy.on_service("ADDED", service("sticky2", "10.203.0.14", sessionAffinity="ClientIP", type="NodePort",
+                                          externalTrafficPolicy="Local",
+                                          ports=[{"name": "http", "port": 80, "nodePort": 30082}]))
+        proxy.on_endpoint_slice("ADDED", endpoint_slice("sticky2", eps[:4]))
         await proxy.sync_now()
 
         text = run("ip", "netns", "exec", netns, "nft", "list", "table", "ip", table).stdout
@@ -76,15 +83,21 @@ async def test_every_construct_reads_back_as_written(node_ns) -> None:
             assert listed[name] == [rule_text(rule) for rule in chain.rules], name
         # the constructs this test is meant to cover are really there
         flat = "\n".join(line for rules in listed.values() for line in rules)
-        for needle in ("numgen random mod 5 vmap {", "numgen random mod 2 0 goto", "update @affinity-",
+        for needle in ("numgen random mod 5 vmap {", "numgen random mod 2 0 goto endpoint-default/sticky2", "update @affinity-",
                        "fib saddr type local", "ct state new", "reject", "masquerade fully-random",
                        "ip saddr . ip daddr @hairpin-endpoints", "ip saddr != 10.202.0.0/17",
-                       "dnat to 10.202.1.5:80", "goto local-default/web/tcp/http"):
+                       "dnat to 10.202.1.5:80", "goto local-default/sticky2/tcp/http", "goto pick-local-2",
+                       "numgen random mod 2 offset 65536 map @endpoints", "map @nodeport-endpoints", "goto pick-1"):
             assert needle in flat, needle
-        assert "10.203.0.12 . udp . 53 : goto service-default/dns/udp/dns" in text
-        assert "tcp . 30081 : goto reject-chain" in text
-        assert "10.202.200.1 . udp . 5353 : goto hostport-udp/10.202.200.1/5353" in text
-        assert "192.0.2.10 . tcp . 80 : goto external-default/web/tcp/http" in text
+        for element in ("10.203.0.12 . udp . 53 : goto pick-1",
+                        "udp . 30053 : goto pick-masquerade-1",
+                        "10.203.0.12 . udp . 53 . 0x00000000 : 10.202.1.10 . 53",
+                        "udp . 30053 . 0x00000000 : 10.202.1.10 . 53",
+                        "192.0.2.10 . tcp . 80 . 0x00010001 : 10.202.1.13 . 8080",
+                        "tcp . 30081 : goto reject-chain",
+                        "10.202.200.1 . udp . 5353 : goto hostport-udp/10.202.200.1/5353",
+                        "192.0.2.10 . tcp . 80 : goto external-default/web/tcp/http"):
+            assert element in text, element
         # JSON output (what other tools consume) works too
         assert run("ip", "netns", "exec", netns, "nft", "-j", "list", "table", "ip", table).returncode == 0
 
