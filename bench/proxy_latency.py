@@ -154,7 +154,6 @@ def build_baseline(ns: str, size: int) -> None:
                            + nfnl.e_meta_load(nfnl.META_L4PROTO) + nfnl.e_cmp(nfnl.CMP_EQ, bytes((6,)))
                            + nfnl.e_payload(nfnl.PAYLOAD_TRANSPORT, 2, 2) + nfnl.e_cmp(nfnl.CMP_EQ, struct.pack(">H", 80))
                            + nfnl.e_verdict(nfnl.NFT_GOTO, chain))
-        sock.next_seq(len(batch) + 2)
         sock.send_batch(batch)
     finally:
         sock.close()

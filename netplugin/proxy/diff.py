@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import ChainMap
 from dataclasses import dataclass, field
-from typing import Hashable, Mapping
+from typing import Hashable, Mapping, Sequence
 
 from .ruleset import Chain, ElementKey, ElementValue, Fragment, SetSpec
 
@@ -32,7 +32,7 @@ class NeedsRecreate(Exception):
 
 @dataclass
 class Plan:
-    destroy_table: bool = False
+    delete_table: bool = False
     ensure_table: bool = False
     new_sets: list[SetSpec] = field(default_factory=list)
     new_chains: list[Chain] = field(default_factory=list)
@@ -46,7 +46,7 @@ class Plan:
     set_specs: Mapping[str, SetSpec] = field(default_factory=dict)  # for encoding element keys
 
     def is_empty(self) -> bool:
-        return not (self.destroy_table or self.ensure_table or self.new_sets or self.new_chains
+        return not (self.delete_table or self.ensure_table or self.new_sets or self.new_chains
                     or self.flush_chains or self.flush_sets or self.del_elements or self.rules
                     or self.add_elements or self.del_chains or self.del_sets)
 
@@ -75,7 +75,8 @@ class Conflict:
 class Transition:
     plan: Plan
     fragments: dict[Owner, Fragment | None]  # owner -> new fragment (None: removed)
-    claims: dict[tuple[str, ElementKey], list[tuple[Owner, ElementValue]]]  # touched keys
+    # touched keys: their holders afterwards (a list or tuple; empty: nobody holds it)
+    claims: dict[tuple[str, ElementKey], Sequence[tuple[Owner, ElementValue]]]
     conflicts: list[Conflict]
     shared: dict[str, tuple[Chain, int]] = field(default_factory=dict)  # touched shared chains
 
@@ -83,8 +84,9 @@ class Transition:
 @dataclass
 class AppliedState:
     fragments: dict[Owner, Fragment] = field(default_factory=dict)
-    # holders are tuples (not lists): tuples of atomic values are invisible to the
-    # cyclic GC, and there is one per element (100,000+ in a large cluster)
+    # holders are tuples (not lists): plain tuples of atomic values, which most of these
+    # are, get untracked by the cyclic GC, and there is one per element (200,000+ in a
+    # large cluster)
     claims: dict[tuple[str, ElementKey], tuple[tuple[Owner, ElementValue], ...]] = field(default_factory=dict)
     # every set of every fragment by name (to encode element keys without a full scan)
     set_index: dict[str, SetSpec] = field(default_factory=dict)
@@ -102,19 +104,17 @@ class AppliedState:
             else:
                 self.fragments[owner] = frag
                 self.set_index.update(frag.sets)
+        claims = self.claims
         for key, holders in transition.claims.items():
             if holders:
-                self.claims[key] = tuple(holders)
+                claims[key] = holders if type(holders) is tuple else tuple(holders)
             else:
-                self.claims.pop(key, None)
+                claims.pop(key, None)
         for name, entry in transition.shared.items():
             if entry[1] > 0:
                 self.shared[name] = entry
             else:
                 self.shared.pop(name, None)
-
-    def effective_elements(self) -> dict[tuple[str, ElementKey], ElementValue]:
-        return {key: holders[0][1] for key, holders in self.claims.items() if holders}
 
     def chains(self) -> dict[str, Chain]:
         out: dict[str, Chain] = {}
@@ -132,7 +132,7 @@ def transition(state: AppliedState, updates: dict[Owner, Fragment | None], *,
     """``with_plan=False``: only the new state (claims, conflicts) is needed because a
     full plan will be written anyway; skips building the incremental operations."""
     plan = Plan()
-    touched: dict[tuple[str, ElementKey], list[tuple[Owner, ElementValue]]] = {}
+    touched: dict[tuple[str, ElementKey], Sequence[tuple[Owner, ElementValue]]] = {}
     conflicts: list[Conflict] = []
     new_specs: dict[str, SetSpec] = {}
 
@@ -178,16 +178,18 @@ def transition(state: AppliedState, updates: dict[Owner, Fragment | None], *,
 
         old_elements = old.elements if old else {}
         new_elements = new.elements if new else {}
+        touched_get, claims_get = touched.get, claims.get
         for key, now in new_elements.items():
-            if old_elements.get(key, _ABSENT) == now:
+            if old_elements and old_elements.get(key, _ABSENT) == now:
                 continue
-            holders = touched.get(key)
+            holders = touched_get(key)
             if holders is None:
-                existing = claims.get(key)
+                existing = claims_get(key)
                 if existing is None:  # the common case: nobody else claims it
-                    touched[key] = [(owner, now)]
+                    touched[key] = ((owner, now),)
                     continue
-                holders = touched[key] = list(existing)
+                holders = existing
+            holders = touched[key] = list(holders)
             mine = next((i for i, h in enumerate(holders) if h[0] == owner), None)
             others = [h for i, h in enumerate(holders) if i != mine]
             if any(h[1] != now for h in others):
@@ -199,10 +201,10 @@ def transition(state: AppliedState, updates: dict[Owner, Fragment | None], *,
         for key in old_elements:
             if key in new_elements:
                 continue
-            holders = touched.get(key)
+            holders = touched_get(key)
             if holders is None:
-                holders = touched[key] = list(claims.get(key, ()))
-            holders[:] = [h for h in holders if h[0] != owner]
+                holders = claims_get(key, ())
+            touched[key] = [h for h in holders if h[0] != owner]
 
     # shared chains: created when the first fragment wants them, deleted with the last
     for name, (chain, count) in shared.items():
@@ -240,17 +242,19 @@ def full_plan(state: AppliedState, existing_chains: set[str] | None,
               existing_sets: set[str] | None, recreate: bool = False) -> Plan:
     """Everything in ``state``, written over whatever the kernel has.
 
+    ``recreate``: the table exists and is to be deleted and rebuilt within the batch.
+
     ``existing_*``: what the table holds now (None when it does not exist). Chains are
     flushed and refilled, static sets flushed and refilled, dynamic (affinity) sets
     kept with their contents, leftovers flushed and deleted. With ``recreate`` the
-    table is destroyed and rebuilt inside the same transaction instead.
+    table is deleted and rebuilt inside the same transaction instead.
     """
     plan = Plan()
     chains = state.chains()
     sets = state.sets()
     plan.set_specs = sets
     if recreate:
-        plan.destroy_table = True
+        plan.delete_table = True
         existing_chains, existing_sets = set(), set()
     plan.ensure_table = True
     existing_chains = existing_chains or set()
@@ -263,8 +267,13 @@ def full_plan(state: AppliedState, existing_chains: set[str] | None,
     plan.flush_chains += stale_chains
     plan.flush_sets = [name for name, spec in sets.items() if not spec.dynamic and name in existing_sets]
     plan.rules = list(chains.values())
-    for (set_name, key), value in state.effective_elements().items():
-        plan.add_elements.setdefault(set_name, []).append((key, value))
+    by_set: dict[str, list[tuple[ElementKey, ElementValue]]] = {}
+    for (set_name, key), holders in state.claims.items():
+        items = by_set.get(set_name)
+        if items is None:
+            items = by_set[set_name] = []
+        items.append((key, holders[0][1]))
+    plan.add_elements = by_set
     plan.del_chains = stale_chains
     plan.del_sets = sorted(name for name in existing_sets - sets.keys() if not name.startswith("__"))
     return plan

@@ -152,8 +152,8 @@ def new_set(batch: nfnl.Batch, table: str, spec: SetSpec) -> None:
 def encode_plan(table: str, plan: Plan, first_seq: int = 1) -> nfnl.Batch:
     batch = nfnl.Batch(first_seq=first_seq)
     ctx = _Context(batch, table)
-    if plan.destroy_table:
-        batch.destroy_table(table)
+    if plan.delete_table:
+        batch.delete_table(table)
     if plan.ensure_table:
         batch.new_table(table)
     for spec in plan.new_sets:

@@ -79,13 +79,13 @@ class NftSocket:
         except OSError:
             self.sock.setsockopt(socket.SOL_SOCKET, opt, size)
 
-    def next_seq(self, reserve: int) -> int:
-        seq = self._seq
-        self._seq += reserve + 4
-        if self._seq > 0x7FFFFFFF:
+    def next_seq(self, reserve: int = 0) -> int:
+        """The first sequence number for a new request or batch. ``send_batch`` moves
+        past the numbers a batch used, so replies can always be told apart."""
+        if self._seq + reserve > 0x7FFFFFFF - (1 << 24):
             self._seq = 1 << 20
-            seq = self._seq
-            self._seq += reserve + 4
+        seq = self._seq
+        self._seq += reserve + 1
         return seq
 
     # ------------------------------------------------------------------ batches
@@ -93,6 +93,7 @@ class NftSocket:
     def send_batch(self, batch: nfnl.Batch, timeout: float = 120.0) -> None:
         """Send the batch and wait for the verdict. Raises NftError on rejection."""
         data, last_seq, end_seq = batch.finish()
+        self._seq = max(self._seq, end_seq + 1)
         if len(data) + 4096 > self._sndbuf:
             self._sndbuf = max(len(data) + 4096, 1 << 20)
             self._force_buffer(SO_SNDBUFFORCE, socket.SO_SNDBUF, self._sndbuf)

@@ -78,9 +78,8 @@ class ServicePort:
 
 
 class Endpoint(NamedTuple):
-    """One address:port of a service port. A named tuple of plain values: a large
-    cluster has 100,000 of them, and tuples of atomic values cost nothing to Python's
-    cyclic garbage collector."""
+    """One address:port of a service port (a named tuple: a large cluster has 100,000
+    of them, and named tuples are cheaper to build than dataclasses)."""
 
     ip: str
     port: int

@@ -26,6 +26,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
     NFT_MSG_DELRULE,
     NFT_MSG_DELSET,
     NFT_MSG_DELSETELEM,
+    NFT_MSG_DELTABLE,
     NFT_MSG_GETCHAIN,
     NFT_MSG_GETSET,
     NFT_MSG_GETTABLE,
@@ -343,7 +344,11 @@ class Batch:
         self.add(NFT_MSG_NEWTABLE, NLM_F_CREATE, strz(1, table) + be32(2, 0), f"add table {table}")
 
     def destroy_table(self, table: str) -> None:
+        """Delete if it exists (kernel >= 6.3; only used inside rebuild batches)."""
         self.add(NFT_MSG_DESTROYTABLE, 0, strz(1, table), f"destroy table {table}")
+
+    def delete_table(self, table: str) -> None:
+        self.add(NFT_MSG_DELTABLE, 0, strz(1, table), f"delete table {table}")
 
     # ---- chains
     def new_chain(self, table: str, chain: str, hook: tuple[str, str, int] | None = None) -> None:

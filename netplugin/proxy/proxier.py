@@ -1,17 +1,21 @@
 """ServiceProxy: Services + EndpointSlices in, one nftables table out.
 
-Event handlers only record objects and mark their service dirty. The sync loop turns
-dirty services into fragments (pure), diffs them against what the kernel was last
-given, and applies the difference as one atomic nfnetlink batch on a dedicated worker
-thread. A failed batch changes nothing in the kernel; the services stay dirty and the
-next attempt is a full resync. Full resyncs also run at start, every
-``full_sync_period`` and when the table disappeared.
+Event handlers are the change trackers: they parse and validate the object (a bad
+Service is logged and remembered in ``errors`` right away) and mark its service dirty.
+The sync turns dirty services into fragments (pure), diffs them against what the kernel
+was last given, and applies the difference as one atomic nfnetlink batch on a
+dedicated worker thread. A failed batch changes nothing in the kernel; the services
+stay dirty and the next attempt is a full resync (and if that fails too, a rebuild of
+the whole table in one transaction). Full resyncs also run at start, every
+``full_sync_period`` and when the table disappeared; ``run`` syncs at most once per
+``min_sync_period``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import ipaddress
 import threading
@@ -32,12 +36,14 @@ from .model import (
     InvalidService,
     ServiceError,
     ServicePort,
+    canonical_ipv4,
     merge_endpoints,
     parse_service,
     service_key,
     slice_endpoints,
     slice_service,
 )
+from .routes import RTPROT_NODEAGENT, PodRoutes
 from .ruleset import Fragment, ProxyConfig, global_fragment, normalize_host_port, service_fragment
 from .show import describe_state
 
@@ -115,10 +121,14 @@ class ServiceProxy:
         pod_cidr: str | None = None,
         cascade_limit: int = 32,
     ) -> None:
-        if not table or len(table) > 255:
+        if not table or len(table) > 255 or "\0" in table:
             raise ValueError(f"table: {table!r} is not a valid nftables table name")
         for ip in node_ips:
-            ipaddress.IPv4Address(ip)
+            if canonical_ipv4(ip) is None:
+                raise ValueError(f"node_ips: {ip!r} is not an IPv4 address")
+        low, high = nodeport_range
+        if not 1 <= low <= high <= 65535:
+            raise ValueError(f"nodeport_range: {nodeport_range!r} is not a port range")
         self._config = ProxyConfig(
             table=table,
             node_name=node_name,
@@ -141,7 +151,6 @@ class ServiceProxy:
         self._host_ports: list[HostPortMapping] = []
         self._host_port_errors: list[str] = []
         self._errors: dict[tuple[str, str], ServiceError] = {}
-        self._conflicts: list[str] = []
 
         self._dirty: set[tuple[str, str]] = set()
         self._global_dirty = True
@@ -359,7 +368,7 @@ class ServiceProxy:
 
     async def _apply(self, dirty: set[tuple[str, str]], services: dict, slices: dict,
                      global_dirty: bool, host_ports: list[HostPortMapping], full: bool) -> None:
-        # All the work (parsing, diffing, encoding, netlink) runs on the worker thread so
+        # All the work (ruleset, diff, encoding, netlink) runs on the worker thread so
         # that a large sync never stalls the event loop; the applied state is swapped
         # here, on the loop, so readers such as describe() never see it half-updated.
         outcome = await self._call(self._compute_and_write, dirty, services, slices,
@@ -433,8 +442,7 @@ class ServiceProxy:
             return plan.summary()
         sock = self._socket()
         mark = time.perf_counter()
-        batch = encode_plan(self.table, plan, sock.next_seq(0))
-        sock.next_seq(len(batch) + 2)
+        batch = encode_plan(self.table, plan, sock.next_seq())
         now = time.perf_counter()
         phases["encode"], mark = now - mark, now
         sock.send_batch(batch)
@@ -446,7 +454,11 @@ class ServiceProxy:
     def _write_full(self, target: AppliedState, recreate: bool, phases: dict[str, float]) -> dict[str, int]:
         sock = self._socket()
         mark = time.perf_counter()
-        names = None if recreate else sock.list_names(self.table)
+        if recreate:
+            names = None
+            recreate = sock.table_exists(self.table)  # nothing to delete otherwise
+        else:
+            names = sock.list_names(self.table)
         phases["list"] = time.perf_counter() - mark
         chains, sets = names if names is not None else (None, None)
         plan = full_plan(target, chains, sets, recreate=recreate)
@@ -491,18 +503,29 @@ def _owner_name(owner: Any) -> str:
     return f"{owner[0]}/{owner[1]}"
 
 
-async def cleanup(table: str = "nodeagent", netns: str | None = None) -> None:
+async def cleanup(table: str = "nodeagent", netns: str | None = None,
+                  route_proto: int | None = RTPROT_NODEAGENT) -> None:
     """Remove everything the proxy installed: its table (and with it every chain, map
-    and set). Idempotent."""
+    and set) and the pod routes carrying ``route_proto`` (None: leave routes alone).
+    Idempotent."""
     from . import nfnl
 
-    def destroy() -> None:
+    def delete_table() -> None:
         sock = NftSocket(netns)
         try:
-            batch = nfnl.Batch(first_seq=sock.next_seq(4))
-            batch.destroy_table(table)
-            sock.send_batch(batch)
+            batch = nfnl.Batch(first_seq=sock.next_seq())
+            batch.delete_table(table)
+            try:
+                sock.send_batch(batch)
+            except NftError as exc:
+                if not all(err == errno.ENOENT for _, err, _, _ in exc.errors):
+                    raise
         finally:
             sock.close()
 
-    await asyncio.to_thread(destroy)
+    await asyncio.to_thread(delete_table)
+    if route_proto is not None:
+        removed = await PodRoutes(node_name="", netns=netns, proto=route_proto).cleanup()
+        if removed:
+            log.info("pod routes removed", routes=removed)
+    log.info("proxy rules removed", table=table)

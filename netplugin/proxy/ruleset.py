@@ -504,10 +504,3 @@ def _add_affinity_port(frag: Fragment, config: ProxyConfig, port: ServicePort, e
         frag.elements[(SERVICE_IPS, key)] = Verdict("goto", ext)
     if port.node_port:
         frag.elements[(SERVICE_NODEPORTS, (proto, port.node_port))] = Verdict("goto", ext)
-
-
-def all_sets(fragments: Iterable[Fragment]) -> dict[str, SetSpec]:
-    out: dict[str, SetSpec] = {}
-    for frag in fragments:
-        out.update(frag.sets)
-    return out

@@ -1,9 +1,8 @@
 """Rule statements: a tiny, hashable IR for nft rules.
 
-Statements are named tuples of plain values: immutable, cheap to create, and (being
-tuples of atomic values) ignored by Python's cyclic garbage collector, which matters
-when a 10,000-service ruleset holds a few hundred thousand of them. Each kind ends
-with a ``tag`` field so that statements of different kinds never compare equal.
+Statements are named tuples of plain values: immutable, hashable and cheap to create.
+Each kind ends with a ``tag`` field so that statements of different kinds never compare
+equal as tuples.
 
 A rule is a tuple of statements. Statements compare by value, so the ruleset diff can
 tell whether a chain changed by comparing tuples, and each statement knows how to
@@ -22,7 +21,6 @@ from typing import NamedTuple, Protocol
 from . import nfnl
 
 PROTO_NUMBERS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "sctp": 132}
-PROTO_NAMES = {number: name for name, number in PROTO_NUMBERS.items()}
 
 
 class EncodeContext(Protocol):
@@ -116,23 +114,6 @@ class AddrPairInSet(NamedTuple):
 
     def text(self) -> str:
         return f"ip saddr . ip daddr @{self.set_name}"
-
-
-class L4ProtoMatch(NamedTuple):
-    proto: str
-    tag: str = "l4protomatch"
-
-    def encode(self, ctx: EncodeContext) -> bytes:
-        return _l4proto_match(self.proto)
-
-    def text(self) -> str:
-        return f"meta l4proto {self.proto}"
-
-
-@lru_cache(maxsize=8)
-def _l4proto_match(proto: str) -> bytes:
-    return (nfnl.e_meta_load(nfnl.META_L4PROTO)
-            + nfnl.e_cmp(nfnl.CMP_EQ, bytes((PROTO_NUMBERS[proto],))))
 
 
 class FibLocal(NamedTuple):

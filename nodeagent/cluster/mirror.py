@@ -129,24 +129,27 @@ class MirrorManager:
     # --- reconciliation ------------------------------------------------------------
 
     async def run(self) -> None:
+        wait = self.resync
         while True:
             try:
-                async with asyncio.timeout(self.resync):
+                async with asyncio.timeout(wait):
                     await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
+            wait = self.resync
             try:
-                await self.reconcile()
+                if not await self.reconcile():
+                    wait = 0.5  # the Node or the pod list is not there yet: look again soon
             except (ApiError, ApiConnectionError) as exc:
                 log.warning("mirror pod sync failed; will retry", error=str(exc))
-                await asyncio.sleep(1.0)
-                self._wake.set()
+                wait = 1.0
 
-    async def reconcile(self) -> None:
+    async def reconcile(self) -> bool:
+        """One round; False when it cannot run yet (no Node uid, pods not listed)."""
         node_uid = self._node_uid()
         if node_uid is None or not self._api_synced():
-            return
+            return False
         for key, mirror in list(self._mirrors.items()):
             static = self._static.get(key)
             if static is not None and self._matches(mirror, static):
@@ -159,6 +162,7 @@ class MirrorManager:
             if self._failed.get(key) == config_hash(static):
                 continue
             await self._create(static, node_uid)
+        return True
 
     async def _delete(self, mirror: dict) -> None:
         meta = mirror["metadata"]

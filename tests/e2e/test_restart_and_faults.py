@@ -137,8 +137,12 @@ class DockerSocketProxy:
     """A unix-socket forwarder to the real engine that a test can cut and restore,
     so 'Docker goes away' is simulated without touching the shared engine."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, hang_on: bytes | None = None) -> None:
         self.path = path
+        # Requests whose bytes contain this marker are never forwarded: a Docker call
+        # that hangs for one pod only.
+        self.hang_on = hang_on
+        self.hung = 0
         self._loop = asyncio.new_event_loop()
         self._server = None
         self._conns: set = set()
@@ -148,9 +152,12 @@ class DockerSocketProxy:
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
 
-    async def _pipe(self, reader, writer):
+    async def _pipe(self, reader, writer, *, upstream: bool = False):
         try:
             while data := await reader.read(65536):
+                if upstream and self.hang_on and self.hang_on in data:
+                    self.hung += 1
+                    await asyncio.Event().wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
@@ -165,7 +172,7 @@ class DockerSocketProxy:
             writer.close()
             return
         self._conns.update({writer, up_w})
-        await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer))
+        await asyncio.gather(self._pipe(reader, up_w, upstream=True), self._pipe(up_r, writer))
 
     async def _start(self):
         self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
@@ -218,5 +225,33 @@ def test_docker_down_at_start_and_later(agent_factory, tmp_path):
         d_ids = sorted(c["Id"] for c in a.containers()
                        if c["Config"]["Labels"]["io.kubernetes.pod.name"] == f"d-{a.node_name}")
         assert d_ids == ids
+    finally:
+        proxy.close()
+
+
+def test_hung_docker_call_stalls_only_its_pod(agent_factory, tmp_path):
+    sock = tmp_path / "docker-proxy.sock"
+    proxy = DockerSocketProxy(sock, hang_on=b"k8s_c_stuck-")
+    proxy.up()
+    try:
+        a = agent_factory(start=False, extra_config={"docker-url": f"unix://{sock}", "runtime-call-timeout": 4.0})
+        a.write("stuck.yaml", pod_manifest("stuck", [busybox("c", SLEEP_FOREVER)]))
+        a.start()
+        a.wait_for("the stuck pod's create call hangs", lambda: proxy.hung >= 1, timeout=30)
+        # Other pods start while that call hangs, and the node stays healthy.
+        t0 = time.monotonic()
+        a.write("fine.yaml", pod_manifest("fine", [busybox("c", SLEEP_FOREVER)]))
+        a.wait_running_ready("fine", timeout=30)
+        assert time.monotonic() - t0 < 15
+        assert a.healthz()[0] == 200
+        # The stuck pod alone reports why.
+        stuck = a.wait_for("stuck pod reports the timeout", lambda: (p := a.pod("stuck")) and
+                           p["status"].get("containerStatuses") and
+                           p["status"]["containerStatuses"][0]["state"].get("waiting", {}).get("reason") == "CreateContainerError"
+                           and p, timeout=30)
+        message = stuck["status"]["containerStatuses"][0]["state"]["waiting"]["message"]
+        assert "did not answer" in message or "timed out" in message, message
+        assert stuck["status"]["phase"] == "Pending"
+        assert a.healthz()[0] == 200
     finally:
         proxy.close()

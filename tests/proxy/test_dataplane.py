@@ -244,9 +244,66 @@ async def test_failed_batch_leaves_rules_and_is_repaired_by_full_resync(topo, pr
 async def test_cleanup_removes_everything(topo, proxy) -> None:
     proxy.set_host_ports([HostPortMapping("TCP", 8083, topo.pod("pod4").ip, 8080)])
     await publish(proxy, nodeport_service("gone", CLUSTER_IP, 30085), pods_slice(topo, "gone", ["pod2"]))
+    # a pod route as PodRoutes makes it, and somebody else's route
+    run("ip", "-n", topo.node, "route", "add", "10.202.77.0/24", "via", NODE_CLIENT_IP, "proto", "157")
+    run("ip", "-n", topo.node, "route", "add", "10.202.78.0/24", "via", NODE_CLIENT_IP, "proto", "static")
     assert proxy.table in topo.nft("list", "tables")
     await cleanup(proxy.table, topo.node)
     await cleanup(proxy.table, topo.node)  # idempotent
     assert proxy.table not in topo.nft("list", "tables")
+    routes = run("ip", "-n", topo.node, "route", "show").stdout
+    assert "10.202.77.0/24" not in routes and "10.202.78.0/24" in routes
+    run("ip", "-n", topo.node, "route", "del", "10.202.78.0/24")
     with pytest.raises(OSError):
         topo.request(topo.client, NODE_CLIENT_IP, 30085, timeout=1)
+
+
+async def test_internal_traffic_policy_local(topo, proxy) -> None:
+    await publish(proxy, service("near", CLUSTER_IP, internalTrafficPolicy="Local"),
+                  pods_slice(topo, "near", ["pod2", "pod3"]))  # pod3 claims node-b
+    assert {topo.request(topo.pod("pod1").netns, CLUSTER_IP, 80)[0] for _ in range(15)} == {"pod2"}
+
+
+async def test_terminating_endpoint_serves_only_when_nothing_is_ready(topo, proxy) -> None:
+    ready = endpoint(topo.pod("pod2").ip, node="node-a")
+    going = endpoint(topo.pod("pod3").ip, node="node-b", ready=False, serving=True, terminating=True)
+    await publish(proxy, service("drain", CLUSTER_IP), endpoint_slice("drain", [ready, going]))
+    assert {topo.request(topo.pod("pod1").netns, CLUSTER_IP, 80)[0] for _ in range(15)} == {"pod2"}
+    proxy.on_endpoint_slice("MODIFIED", endpoint_slice("drain", [going]))
+    await proxy.sync_now()
+    assert {topo.request(topo.pod("pod1").netns, CLUSTER_IP, 80)[0] for _ in range(5)} == {"pod3"}
+
+
+async def test_pod_egress_is_masqueraded_outside_the_cluster(topo, proxy) -> None:
+    await proxy.sync_now()
+    # to a host outside the cluster CIDR: the node's address
+    assert topo.request(topo.pod("pod1").netns, CLIENT_IP, 8080) == ("outside", NODE_CLIENT_IP)
+    # to another pod: its own address
+    assert topo.request(topo.pod("pod1").netns, topo.pod("pod2").ip, 8080) == ("pod2", topo.pod("pod1").ip)
+
+
+async def test_standalone_services_through_the_proxy(topo, proxy, tmp_path) -> None:
+    from netplugin.proxy import StandaloneServices
+
+    standalone = StandaloneServices(state_dir=tmp_path, node_name="node-a", service_cidr="10.203.0.0/16")
+    manifests = [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+                  "spec": {"type": "NodePort", "selector": {"app": "web"},
+                           "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}},
+                 {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bad", "namespace": "default"},
+                  "spec": {"selector": {"app": "web"}, "ports": [{"port": 99999}]}}]
+    pods = [{"metadata": {"name": p, "namespace": "default", "labels": {"app": "web"}},
+             "spec": {"nodeName": "node-a"},
+             "status": {"phase": "Running", "podIP": topo.pod(p).ip,
+                        "conditions": [{"type": "Ready", "status": "True"}]}} for p in ("pod1", "pod2")]
+    errors = standalone.sync(proxy, manifests, pods)
+    assert [(e.service, e.field) for e in errors] == [("default/bad", "spec.ports[0].port")]
+    await proxy.sync_now()
+    web = standalone.compute(manifests, pods).services[0]
+    cluster_ip, node_port = web["spec"]["clusterIP"], web["spec"]["ports"][0]["nodePort"]
+    assert {topo.request(topo.pod("pod4").netns, cluster_ip, 80)[0] for _ in range(20)} == {"pod1", "pod2"}
+    assert topo.request(topo.client, NODE_CLIENT_IP, node_port)[0] in {"pod1", "pod2"}
+    # a pod stops being ready: it stops receiving traffic
+    pods[1]["status"]["conditions"][0]["status"] = "False"
+    standalone.sync(proxy, manifests, pods)
+    await proxy.sync_now()
+    assert {topo.request(topo.pod("pod4").netns, cluster_ip, 80)[0] for _ in range(10)} == {"pod1"}

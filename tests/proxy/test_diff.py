@@ -143,14 +143,14 @@ def test_full_plan_rewrites_and_removes_leftovers() -> None:
     existing_chains = {"services", "service-default/old/tcp/http"}
     existing_sets = {SERVICE_IPS, aff, "affinity-default/old/tcp/http__1.2.3.4/80", "__map3"}
     plan = full_plan(state, existing_chains, existing_sets)
-    assert plan.ensure_table and not plan.destroy_table
+    assert plan.ensure_table and not plan.delete_table
     assert "services" in plan.flush_chains and "service-default/old/tcp/http" in plan.flush_chains
     assert plan.del_chains == ["service-default/old/tcp/http"]
     assert plan.del_sets == ["affinity-default/old/tcp/http__1.2.3.4/80"]  # anonymous sets belong to rules
     assert SERVICE_IPS in plan.flush_sets and aff not in plan.flush_sets  # affinity entries survive
     assert len(plan.rules) == len(state.chains()) and "pick-1" in {c.name for c in plan.rules}
     rebuilt = full_plan(state, existing_chains, existing_sets, recreate=True)
-    assert rebuilt.destroy_table and not rebuilt.del_chains and not rebuilt.flush_chains
+    assert rebuilt.delete_table and not rebuilt.del_chains and not rebuilt.flush_chains
 
 
 def _messages(data: bytes) -> list[tuple[int, int]]:

@@ -136,6 +136,9 @@ class Topology:
             self.pods.append(Pod(name, pod_ns, ip, node_name))
         for pod in self.pods:
             self.start_server(pod)
+        # something outside the cluster to talk to (pod egress)
+        self.outside = Pod("outside", client, CLIENT_IP, "")
+        self.start_server(self.outside)
 
     def start_server(self, pod: Pod, ports: tuple[int, ...] = (POD_PORT, 9090)) -> None:
         args = ["ip", "netns", "exec", pod.netns, sys.executable, str(PODSERVER), "--name", pod.name]
@@ -147,7 +150,7 @@ class Topology:
         assert line.strip() == "ready", f"pod server {pod.name} did not start: {line!r}"
 
     def destroy(self) -> None:
-        for pod in self.pods:
+        for pod in self.pods + ([self.outside] if getattr(self, "outside", None) else []):
             if pod.process is not None and pod.process.poll() is None:
                 pod.process.kill()
                 pod.process.wait(timeout=5)

@@ -1,0 +1,34 @@
+"""README command 1 runs the agent on examples/: every example behaves as described."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.e2e.conftest import REPO, docker
+
+pytestmark = [pytest.mark.docker, pytest.mark.root]
+
+
+def test_examples_run_as_documented(agent):
+    for manifest in sorted((REPO / "examples").glob("*.yaml")):
+        shutil.copy(manifest, agent.manifest_dir / manifest.name)
+
+    web = agent.wait_running_ready("web")
+    assert [c["name"] for c in web["status"]["initContainerStatuses"]] == ["prober"]
+    prober = agent.container_of("web", "prober")
+    agent.wait_for("sidecar reaches the web server on localhost",
+                   lambda: "web answered on localhost" in docker("logs", prober["Id"]), timeout=30)
+
+    init = agent.wait_running_ready("init-demo")
+    assert init["status"]["initContainerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"
+    app = agent.container_of("init-demo", "app")
+    assert "prepared by init" in docker("logs", app["Id"])
+
+    once = agent.wait_phase("once", "Succeeded", timeout=30)
+    assert once["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+
+    crasher = agent.wait_for("crasher restarts", lambda: (p := agent.pod("crasher")) and
+                             p["status"]["containerStatuses"][0]["restartCount"] >= 2 and p, timeout=40)
+    assert crasher["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"] == 3
