@@ -1,4 +1,4 @@
-"""Let pod-to-pod traffic across the pod bridge through the host's iptables FORWARD chain.
+"""Let traffic into and out of the pod bridge through the host's iptables FORWARD chain.
 
 Why this exists: with ``br_netfilter`` loaded and ``net.bridge.bridge-nf-call-iptables=1``
 (as on every Docker host), frames *bridged* between two ports of our bridge are also run
@@ -10,8 +10,9 @@ kernel runs the hooks when the global sysctl *or* the bridge option is on, so a 
 can only opt in, never out (checked on this host: with the option 0 the frames are still
 dropped). Turning the global sysctl off would change every bridge on the machine. So we
 own one iptables chain, ``NODEAGENT-PODNET``, jumped to from the top of FORWARD, holding
-one ACCEPT rule per pod bridge, matching only frames that both enter and leave that
-bridge. Nothing else is accepted: traffic leaving the node is not our business here.
+two ACCEPT rules per pod bridge: what leaves through it (pod-to-pod frames, traffic the
+service proxy DNATs to pods) and what enters from it (pod egress). Traffic that does not
+touch our bridge is left to the host's own rules.
 
 iptables has no netlink API of its own (under iptables-nft its rules are nftables rules
 in a private encoding), so the ``iptables`` tool is run -- asynchronously, and only from
@@ -21,6 +22,7 @@ in a private encoding), so the ``iptables`` tool is run -- asynchronously, and o
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 
 import structlog
@@ -32,14 +34,19 @@ log = structlog.get_logger(__name__)
 CHAIN = "NODEAGENT-PODNET"
 _JUMP = ["-m", "comment", "--comment", "nodeagent pod networks", "-j", CHAIN]
 _TIMEOUT_S = 20.0
-_LOCK_WAIT_S = "5"  # iptables -w: wait for the xtables lock instead of failing
+_LOCK_WAIT_S = "5"
+_RULE_COMMENT = re.compile(r'nodeagent pod network ([^"\s]+)"?')  # iptables -w: wait for the xtables lock instead of failing
 
 
-def bridge_rule(bridge: str) -> list[str]:
+def bridge_rules(bridge: str) -> list[list[str]]:
+    """Accept what enters or leaves the pod bridge: bridged pod-to-pod frames, traffic the
+    service proxy DNATs to pods (NodePort, hostPort, externalIPs from other hosts) and
+    pod egress, which Docker's FORWARD DROP policy would otherwise discard (the same
+    rules flannel and the CNI bridge plugin install)."""
+    comment = ["-m", "comment", "--comment", f"nodeagent pod network {bridge}"]
     return [
-        "-i", bridge, "-o", bridge,
-        "-m", "comment", "--comment", f"nodeagent pod network {bridge}",
-        "-j", "ACCEPT",
+        ["-o", bridge, *comment, "-j", "ACCEPT"],
+        ["-i", bridge, *comment, "-j", "ACCEPT"],
     ]
 
 
@@ -93,10 +100,11 @@ async def ensure_bridge_forwarding(bridge: str) -> bool:
         log.warning("iptables not found; not managing FORWARD for the pod bridge", bridge=bridge)
         return False
     await _ensure_chain()
-    rc, _ = await _iptables("-C", CHAIN, *bridge_rule(bridge))
-    if rc != 0:
-        await _must("-A", CHAIN, *bridge_rule(bridge))
-        log.info("pod bridge forwarding allowed", bridge=bridge, chain=CHAIN)
+    for rule in bridge_rules(bridge):
+        rc, _ = await _iptables("-C", CHAIN, *rule)
+        if rc != 0:
+            await _must("-A", CHAIN, *rule)
+            log.info("pod bridge forwarding allowed", bridge=bridge, chain=CHAIN, rule=" ".join(rule))
     return True
 
 
@@ -104,8 +112,9 @@ async def remove_bridge_forwarding(bridge: str) -> None:
     """Delete ``bridge``'s rule (every copy of it); idempotent."""
     if not iptables_available():
         return
-    while (await _iptables("-D", CHAIN, *bridge_rule(bridge)))[0] == 0:
-        pass
+    for rule in bridge_rules(bridge):
+        while (await _iptables("-D", CHAIN, *rule))[0] == 0:
+            pass
 
 
 async def bridges_with_rules() -> set[str]:
@@ -117,10 +126,7 @@ async def bridges_with_rules() -> set[str]:
         return set()
     found = set()
     for line in text.splitlines():
-        words = line.split()
-        if words[:2] != ["-A", CHAIN] or "-i" not in words or "-o" not in words:
-            continue
-        inbound = words[words.index("-i") + 1]
-        if words[words.index("-o") + 1] == inbound and f"network {inbound}\"" in line:
-            found.add(inbound)
+        match = _RULE_COMMENT.search(line)
+        if line.startswith(f"-A {CHAIN} ") and match:
+            found.add(match.group(1))
     return found

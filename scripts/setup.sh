@@ -9,7 +9,7 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 [ "$(id -u)" = 0 ] || { echo "setup.sh must run as root (it installs packages and starts dockerd)" >&2; exit 1; }
 
-PACKAGES=(docker.io nftables iproute2 conntrack busybox-static gcc libc6-dev
+PACKAGES=(docker.io iptables nftables iproute2 conntrack busybox-static gcc libc6-dev
           python3 python3-venv python3-dev ca-certificates docker-registry prometheus
           procps iputils-ping util-linux)
 missing=()

@@ -1,8 +1,9 @@
 """From desired fragments to the operations of one transaction (pure, no kernel).
 
 ``AppliedState`` remembers what the last successful transaction installed: every
-fragment by owner, and for every map/set element the owners that claim it (first claim
-wins; later ones wait, reported as conflicts). ``transition`` compares new fragments of
+fragment by owner, for every map/set element the owners that claim it (first claim
+wins; later ones wait, reported as conflicts), and for every shared chain (pick-N) how
+many fragments want it (created with the first, deleted with the last). ``transition`` compares new fragments of
 some owners with the applied ones and returns a ``Plan`` that changes only what changed
 plus the state to adopt once the kernel accepted it. ``full_plan`` rewrites everything
 (start, periodic resync, after a failure) and removes leftovers it is told about.

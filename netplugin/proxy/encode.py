@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import struct
 from functools import lru_cache
@@ -30,17 +29,12 @@ def key_layout(key: tuple[str, ...]) -> tuple[int, int]:
     return kind, sum((_FIELDS[f][1] + 3) & ~3 for f in key)
 
 
-@lru_cache(maxsize=65536)
-def _ip(value: str) -> bytes:
-    return ipaddress.IPv4Address(value).packed
-
-
 def encode_key(fields: tuple[str, ...], key: ElementKey) -> bytes:
     concat = len(fields) > 1
     out = []
     for kind, value in zip(fields, key):
         if kind == "ipv4_addr":
-            out.append(_ip(value))
+            out.append(_inet(value))
         elif kind == "inet_proto":
             out.append(bytes((PROTO_NUMBERS[value], 0, 0, 0)) if concat else bytes((PROTO_NUMBERS[value],)))
         elif kind == "inet_service":

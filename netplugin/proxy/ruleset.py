@@ -87,7 +87,8 @@ KEY_IP_PROTO_PORT_SLOT = ("ipv4_addr", "inet_proto", "inet_service", "mark")
 KEY_PROTO_PORT_SLOT = ("inet_proto", "inet_service", "mark")
 DATA_IP_PORT = ("ipv4_addr", "inet_service")
 # Slots of a frontend's endpoint list: the cluster-wide list at 0..N-1, this node's
-# endpoints (traffic policy Local) at LOCAL_SLOTS..LOCAL_SLOTS+M-1.
+# endpoints (traffic policy Local) at LOCAL_SLOTS..LOCAL_SLOTS+M-1. (A service port
+# with 65,536 endpoints is far beyond what Kubernetes allows.)
 LOCAL_SLOTS = 0x10000
 
 LOOPBACK = "127.0.0.0/8"

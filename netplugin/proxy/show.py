@@ -51,8 +51,8 @@ def _policies(view: ServiceView) -> str:
 def describe_state(config: ProxyConfig, state: "AppliedState", errors: list[ServiceError],
                    host_port_errors: list[str]) -> str:
     lines = [
-        f"table ip {config.table}  node {config.node_name}  cluster CIDR {config.cluster_cidr}  "
-        f"service CIDR {config.service_cidr}",
+        f"table ip {config.table}  node {config.node_name} ({', '.join(config.node_ips) or 'no addresses'})  "
+        f"cluster CIDR {config.cluster_cidr}  service CIDR {config.service_cidr}",
         "",
     ]
     views: list[ServiceView] = []

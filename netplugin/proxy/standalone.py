@@ -13,7 +13,8 @@ EndpointSlices, so this module does both, deterministically:
   with ready/serving/terminating following the pods' Ready condition and deletion.
 
 A bad Service is reported (log line + returned ``ServiceError``) and skipped; it never
-affects the others.
+affects the others. ``compute``/``sync`` are plain functions that may write the small
+state file: from an event loop, call them through ``asyncio.to_thread``.
 """
 
 from __future__ import annotations

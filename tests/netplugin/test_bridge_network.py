@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from netplugin.bridge import bridge_mac, host_veth_name
-from netplugin.forwarding import CHAIN, bridge_rule
+from netplugin.forwarding import CHAIN, bridge_rules
 from netplugin.ipam import IPAMConfigError
 from netplugin.podnet import BridgeNetwork
 from netplugin.types import NetworkError, PodNetworkStatus
@@ -91,7 +91,8 @@ async def test_start_creates_bridge_with_gateway_and_forwarding_idempotently(
     ]
     assert route_dev(str(IPv4Network(pod_cidr).network_address + 9)) == bridge_name
     rules = run("iptables", "-S", CHAIN).stdout
-    assert f"-A {CHAIN} -i {bridge_name} -o {bridge_name} " in rules
+    assert f"-A {CHAIN} -o {bridge_name} " in rules  # into the pods (bridged or routed)
+    assert f"-A {CHAIN} -i {bridge_name} " in rules  # out of the pods (egress)
     assert run("iptables", "-C", "FORWARD", "-m", "comment", "--comment", "nodeagent pod networks",
                "-j", CHAIN, check=False).returncode == 0
     assert (state_dir / "network").read_text() == f"{pod_cidr}\n"
@@ -104,7 +105,8 @@ async def test_start_creates_bridge_with_gateway_and_forwarding_idempotently(
     assert ip_json("-d", "link", "show", bridge_name)[0]["ifindex"] == bridge["ifindex"]
     (addrs,) = ip_json("addr", "show", bridge_name)
     assert len([a for a in addrs["addr_info"] if a["family"] == "inet"]) == 1
-    assert run("iptables", "-S", CHAIN).stdout.count(f"-i {bridge_name} ") == 1
+    rules = run("iptables", "-S", CHAIN).stdout
+    assert rules.count(f"-i {bridge_name} ") == 1 and rules.count(f"-o {bridge_name} ") == 1
 
 
 async def test_start_refuses_changed_cidr_and_foreign_bridge_address(
@@ -183,7 +185,8 @@ async def test_pods_reach_each_other_across_the_bridge_despite_docker_forward_dr
         # the global sysctl wins, which is why a per-bridge opt-out cannot work.
         (info,) = ip_json("-d", "link", "show", bridge_name)
         assert info["linkinfo"]["info_data"]["nf_call_iptables"] == 0
-        run("iptables", "-w", "5", "-D", CHAIN, *bridge_rule(bridge_name))
+        for rule in bridge_rules(bridge_name):
+            run("iptables", "-w", "5", "-D", CHAIN, *rule)
         try:
             assert not ping(status_b.ip, netns=a.path), "expected Docker's FORWARD DROP to bite"
         finally:
@@ -454,14 +457,16 @@ async def test_exhaustion_is_a_clear_error_and_wires_nothing(
 
 async def test_destroy_and_pruning_of_rules_for_gone_bridges(network: BridgeNetwork, bridge_name: str) -> None:
     gone = f"natgone{secrets.token_hex(3)}"
-    run("iptables", "-w", "5", "-A", CHAIN, *bridge_rule(gone))
+    for rule in bridge_rules(gone):
+        run("iptables", "-w", "5", "-A", CHAIN, *rule)
     try:
         await network.start()  # any start prunes rules whose bridge no longer exists
         rules = run("iptables", "-S", CHAIN).stdout
         assert f"-i {gone} " not in rules
         assert f"-i {bridge_name} " in rules
     finally:
-        run("iptables", "-w", "5", "-D", CHAIN, *bridge_rule(gone), check=False)
+        for rule in bridge_rules(gone):
+            run("iptables", "-w", "5", "-D", CHAIN, *rule, check=False)
     await network.destroy()
     assert run("ip", "link", "show", bridge_name, check=False).returncode != 0
     assert f"-i {bridge_name} " not in run("iptables", "-S", CHAIN).stdout

@@ -1,0 +1,87 @@
+"""Feeds the service proxy from the node's own state (standalone mode).
+
+Without an API server, Services come from the manifest directory and endpoints from
+the local pods' readiness; hostPorts come from the pods' container ports. Changes are
+coalesced: any number of pod status updates between two passes cost one recompute,
+and the proxy itself applies at most one kernel transaction per min-sync period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+import structlog
+
+from netplugin.proxy import HostPortMapping, ServiceProxy, StandaloneServices
+from nodeagent.events import WARNING, EventSink
+
+log = structlog.get_logger(__name__)
+
+
+def host_port_mappings(pods: list[dict]) -> list[HostPortMapping]:
+    """hostPort DNAT entries for running, non-host-network pods with an address."""
+    mappings = []
+    for pod in pods:
+        status = pod.get("status") or {}
+        ip = status.get("podIP")
+        if not ip or pod["spec"].get("hostNetwork") or status.get("phase") != "Running":
+            continue
+        for container in pod["spec"].get("containers") or ():
+            for port in container.get("ports") or ():
+                if port.get("hostPort"):
+                    mappings.append(HostPortMapping(
+                        port.get("protocol", "TCP"), int(port["hostPort"]), ip,
+                        int(port["containerPort"]), host_ip=port.get("hostIP") or None,
+                    ))
+    return mappings
+
+
+class StandaloneServiceFeed:
+    def __init__(
+        self,
+        proxy: ServiceProxy,
+        services: StandaloneServices,
+        *,
+        pods: Callable[[], list[dict]],
+        events: EventSink,
+    ) -> None:
+        self._proxy = proxy
+        self._services = services
+        self._pods = pods
+        self._events = events
+        self._manifests: list[dict] = []
+        self._dirty = asyncio.Event()
+        self._reported: set[str] = set()
+
+    def set_manifests(self, services: list[dict]) -> None:
+        self._manifests = services
+        self._dirty.set()
+
+    def pods_changed(self) -> None:
+        self._dirty.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            self.recompute()
+            await asyncio.sleep(0.05)  # coalesce bursts of pod updates
+
+    def recompute(self) -> None:
+        pods = self._pods()
+        errors = self._services.sync(self._proxy, self._manifests, pods)
+        self._proxy.set_host_ports(host_port_mappings(pods))
+        current = set()
+        for err in errors:
+            text = str(err)
+            current.add(text)
+            if text in self._reported:
+                continue
+            log.error("service skipped", error=text)
+            svc = next((s for s in self._manifests
+                        if f"{s['metadata'].get('namespace', 'default')}/{s['metadata'].get('name')}"
+                        in text), None)
+            if svc is not None:
+                self._events.event(svc, WARNING, "InvalidService", text)
+        self._reported = current
