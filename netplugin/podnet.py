@@ -128,8 +128,11 @@ class BridgeNetwork:
 
     async def destroy(self) -> None:
         """Delete the bridge and its forwarding rule (uninstall, tests). Deleting the
-        bridge does not delete the pods' veths; tear the pods down first."""
-        ipr = self._host()
+        bridge does not delete the pods' veths; tear the pods down first. Works without
+        start() (``nodeagent cleanup``)."""
+        if self._ipr is None:
+            self._ipr = AsyncIPRoute()
+        ipr = self._ipr
         await delete_link(ipr, ifname=self.bridge_name)
         if self.manage_forwarding:
             await forwarding.remove_bridge_forwarding(self.bridge_name)

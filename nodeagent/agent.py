@@ -17,7 +17,9 @@ from nodeagent.kubelet import Kubelet
 from nodeagent.manifests import ManifestSnapshot, ManifestSource
 from nodeagent.pleg import PLEG
 from nodeagent.podworkers import PodWorkers
+from netplugin.proxy import ServiceProxy, StandaloneServices
 from nodeagent.server import StatusServer
+from nodeagent.services import StandaloneServiceFeed
 from nodeagent.volumes import VolumeManager
 from runtime.docker import DockerRuntime
 from runtime.images import DockerImageService
@@ -26,6 +28,16 @@ from runtime.pause_image import ensure_pause_image
 log = structlog.get_logger(__name__)
 
 from nodeagent import __version__ as VERSION
+
+
+def mark_terminating(pod: dict) -> dict:
+    pod = dict(pod)
+    meta = dict(pod["metadata"])
+    grace = int(pod["spec"].get("terminationGracePeriodSeconds", 30))
+    meta.setdefault("deletionTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + grace)))
+    meta.setdefault("deletionGracePeriodSeconds", grace)
+    pod["metadata"] = meta
+    return pod
 
 
 def detect_host_ip() -> str:
@@ -85,7 +97,8 @@ class Agent:
             pull_backoff=Backoff(base=settings.backoff_base, cap=settings.backoff_cap),
             sandbox_image=self._sandbox_image,
             host_ip=self.host_ip,
-            on_status=self.cluster.on_status if self.cluster else None,
+            on_status=self._on_status,
+            on_forget=lambda uid: self.service_feed and self.service_feed.pods_changed(),
             events=self.cluster.events if self.cluster else None,
             env_sources=self.cluster.env_sources if self.cluster else None,
         )
@@ -106,9 +119,11 @@ class Agent:
             if settings.manifest_dir
             else None
         )
+        self.proxy, self.service_feed = self._make_proxy(settings, root)
         self.server = StatusServer(
             *settings.status_host_port,
             pods=self.pod_list,
+            proxy=self.proxy.describe if self.proxy else None,
             checks={"ping": lambda: (True, "ok"), "pleg": self.pleg.healthy,
                     "network": self._network_health},
         )
@@ -117,6 +132,34 @@ class Agent:
         self._sandbox_lock = asyncio.Lock()
         self._network_error: str | None = "not started"
         self.started_at = time.time()
+
+    def _make_proxy(self, settings: Settings, root: Path):
+        if not settings.proxy:
+            return None, None
+        proxy = ServiceProxy(
+            table=settings.proxy_table,
+            node_name=settings.node_name,
+            node_ips=[self.host_ip],
+            cluster_cidr=settings.cluster_cidr,
+            service_cidr=settings.service_cidr,
+        )
+        if self.cluster is not None:
+            # Services and EndpointSlices come from the API (ClusterMode feeds them).
+            return proxy, None
+        feed = StandaloneServiceFeed(
+            proxy,
+            StandaloneServices(state_dir=root / "services", node_name=settings.node_name,
+                               service_cidr=settings.service_cidr),
+            pods=self.pod_list,
+            events=self.kubelet.events,
+        )
+        return proxy, feed
+
+    def _on_status(self, uid: str, status: dict) -> None:
+        if self.cluster is not None:
+            self.cluster.on_status(uid, status)
+        if self.service_feed is not None:
+            self.service_feed.pods_changed()
 
     # --- sources -------------------------------------------------------------------
 
@@ -127,8 +170,16 @@ class Agent:
             self.workers.update(pod)
         for uid in self._file_pods - set(snapshot.pods):
             record = self.kubelet.record(uid)
+            if record is not None:
+                # Like the API's graceful deletion: the pod is terminating from now on,
+                # so its endpoints stop taking new traffic while it shuts down.
+                record.pod = mark_terminating(record.pod)
             self.workers.remove(uid, record.pod if record else None)
+        if self.service_feed is not None:
+            self.service_feed.pods_changed()
         self._file_pods = set(snapshot.pods)
+        if self.service_feed is not None:
+            self.service_feed.set_manifests(snapshot.services)
         if self.cluster is not None:
             self.cluster.set_static_pods(snapshot.pods)
 
@@ -226,7 +277,13 @@ class Agent:
                     tg.create_task(self.manifests.run(), name="manifest-source")
                 if self.cluster is not None:
                     tg.create_task(self.cluster.run(), name="cluster-mode")
+                if self.proxy is not None:
+                    tg.create_task(self.proxy.run(), name="service-proxy")
+                if self.service_feed is not None:
+                    tg.create_task(self.service_feed.run(), name="service-feed")
         finally:
+            if self.proxy is not None:
+                self.proxy.close()
             if self.cluster is not None:
                 await self.cluster.client.close()
             await self.server.stop()

@@ -1,4 +1,4 @@
-"""`nodeagent` command line: run, version (more subcommands join as features land)."""
+"""`nodeagent` command line: run, proxy show, cleanup, version."""
 
 from __future__ import annotations
 
@@ -31,8 +31,57 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--root-dir", help="state directory (default /var/lib/nodeagent)")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
+    proxy = sub.add_parser("proxy", help="inspect the service proxy of a running agent")
+    proxy_sub = proxy.add_subparsers(dest="proxy_command", required=True)
+    show = proxy_sub.add_parser("show", help="print each service with its frontends and endpoints")
+    show.add_argument("--status-address", default="127.0.0.1:10255",
+                      help="the running agent's status endpoint (default 127.0.0.1:10255)")
+
+    cleanup = sub.add_parser(
+        "cleanup",
+        help="remove what the agent installed on this host (nftables table, pod routes, "
+             "pod bridge and its forwarding rules); pods' containers are left alone",
+    )
+    cleanup.add_argument("--config", help="the agent's config file, for its names")
+    cleanup.add_argument("--bridge-name", help="pod bridge (default nabr0)")
+    cleanup.add_argument("--proxy-table", help="nftables table (default nodeagent)")
+
     sub.add_parser("version", help="print the version")
     return parser
+
+
+def _proxy_show(address: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{address}/proxy"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            sys.stdout.write(resp.read().decode())
+        return 0
+    except urllib.error.HTTPError as exc:
+        print(f"nodeagent: {url}: {exc.code} (is the service proxy enabled?)", file=sys.stderr)
+    except OSError as exc:
+        print(f"nodeagent: cannot reach the agent at {url}: {exc}", file=sys.stderr)
+    return 1
+
+
+async def _cleanup(args) -> int:
+    from netplugin.podnet import BridgeNetwork
+    from netplugin.proxy import cleanup as proxy_cleanup
+    from nodeagent.config import Settings, load_config_file
+
+    values = load_config_file(args.config) if args.config else {}
+    settings = Settings(**{k: v for k, v in values.items()})
+    bridge = args.bridge_name or settings.bridge_name
+    table = args.proxy_table or settings.proxy_table
+    await proxy_cleanup(table=table)
+    network = BridgeNetwork(bridge_name=bridge, pod_cidr=settings.pod_cidr,
+                            state_dir=f"{settings.root_dir}/ipam")
+    await network.destroy()
+    await network.stop()
+    print(f"removed nftables table ip {table}, our pod routes, bridge {bridge} and its forwarding rules")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(f"nodeagent {VERSION}")
         return 0
+    if args.command == "proxy":
+        return _proxy_show(args.status_address)
+    if args.command == "cleanup":
+        try:
+            return asyncio.run(_cleanup(args))
+        except ConfigError as exc:
+            print(f"nodeagent: {exc}", file=sys.stderr)
+            return 2
 
     from nodeagent.logs import configure_logging
 

@@ -38,7 +38,10 @@ class Settings:
     manifest_poll_period: float = 1.0
     max_pods: int = 110
     node_ip: str | None = None
+    # The service proxy (kube-proxy's job): its own nftables table; tests give each
+    # agent a table name of its own.
     proxy: bool = True
+    proxy_table: str = "nodeagent"
     # --- cluster mode (--kubeconfig) ---
     # Extra node labels, "key=value,key2=value2" (kubelet's --node-labels).
     node_labels: str = ""

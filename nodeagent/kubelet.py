@@ -106,6 +106,7 @@ class Kubelet:
         on_status: Callable[[str, dict], None] | None = None,
         events: EventSink | None = None,
         env_sources: EnvSources | None = None,
+        on_forget: Callable[[str], None] | None = None,
     ) -> None:
         self.node_name = node_name
         self.runtime = runtime
@@ -119,6 +120,7 @@ class Kubelet:
         self.pods: dict[str, PodRecord] = {}
         self._on_status = on_status
         self.events: EventSink = events or LogEventSink()
+        self._on_forget = on_forget
         # configMap/secret lookups for env; None in standalone mode.
         self.env_sources = env_sources
         # Image pull failures per (pod uid, container): reason shown until the retry.
@@ -141,7 +143,8 @@ class Kubelet:
             record.pod, record.rejected = pod, rejected
 
     def forget(self, uid: str) -> None:
-        self.pods.pop(uid, None)
+        if self.pods.pop(uid, None) is not None and self._on_forget is not None:
+            self._on_forget(uid)
         self._start_times.pop(uid, None)
         for key in [k for k in self._pull_failures if k[0] == uid]:
             del self._pull_failures[key]

@@ -1,4 +1,5 @@
-"""The node's HTTP status endpoint (kubelet's read-only port): /healthz and /pods."""
+"""The node's HTTP status endpoint (kubelet's read-only port): /healthz, /pods, and
+/proxy (the service proxy's service -> endpoints table)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class StatusServer:
         *,
         pods: Callable[[], list[dict]],
         checks: dict[str, HealthCheck],
+        proxy: Callable[[], str] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -31,6 +33,9 @@ class StatusServer:
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/pods", self._list_pods)
         self.app.router.add_get("/pods/", self._list_pods)
+        self._proxy = proxy
+        if proxy is not None:
+            self.app.router.add_get("/proxy", self._show_proxy)
         self.bound_port: int | None = None
 
     async def start(self) -> None:
@@ -60,6 +65,10 @@ class StatusServer:
             body = "\n".join(lines + ["healthz check passed"]) if verbose else "ok"
             return web.Response(text=body)
         return web.Response(status=500, text="\n".join(lines + ["healthz check failed"]))
+
+    async def _show_proxy(self, request: web.Request) -> web.Response:
+        assert self._proxy is not None
+        return web.Response(text=self._proxy())
 
     async def _list_pods(self, request: web.Request) -> web.Response:
         body = {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": self._pods()}

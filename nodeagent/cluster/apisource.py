@@ -4,7 +4,8 @@ An Informer (list, then watch with bookmarks; resume after drops, relist on 410 
 synthetic deletes) feeds three kinds of callbacks:
 
 * ``on_pod(pod)`` when a pod the node runs is new or changed in a way that matters to
-  the kubelet (metadata or spec, including deletionTimestamp) — status-only changes,
+  the kubelet (metadata or spec, including deletionTimestamp, or a condition someone
+  else owns, such as a readiness gate) — other status-only changes,
   most of them our own status patches, do not wake the pod's worker (as kubelet's
   config source compares pods semantically);
 * ``on_pod_removed(pod)`` when it is gone from the API;
@@ -22,15 +23,25 @@ import structlog
 from nodeagent.cluster.mirror import is_mirror_pod
 from nodeagent.kube import Informer, KubeClient
 from nodeagent.kube import resources as R
+from nodeagent.podstatus import KUBELET_CONDITIONS
 
 log = structlog.get_logger(__name__)
 
 _VOLATILE_METADATA = ("resourceVersion", "managedFields", "generation")
 
 
+def _foreign_conditions(pod: dict) -> list[tuple]:
+    """Conditions others own (readiness gates): the kubelet's Ready depends on them."""
+    return [(c.get("type"), c.get("status")) for c in (pod.get("status") or {}).get("conditions") or []
+            if c.get("type") not in KUBELET_CONDITIONS]
+
+
 def semantically_equal(a: dict, b: dict) -> bool:
-    """Same spec and metadata (resourceVersion and managed fields aside)."""
+    """Same spec and metadata (resourceVersion and managed fields aside), and the same
+    conditions of other owners."""
     if a.get("spec") != b.get("spec"):
+        return False
+    if _foreign_conditions(a) != _foreign_conditions(b):
         return False
     ma, mb = a.get("metadata") or {}, b.get("metadata") or {}
     keys = (set(ma) | set(mb)) - set(_VOLATILE_METADATA)

@@ -147,14 +147,19 @@ class ClusterMode:
     async def prepare(self) -> str | None:
         """Register the Node (bounded wait) and pick the pod CIDR: the Node's
         spec.podCIDR, else the one used last time, else None (the configured one)."""
+        remembered = self._remembered_pod_cidr()
+        wait = self.settings.node_registration_wait
+        if remembered:
+            # spec.podCIDR never changes once set: a node that knows its range from an
+            # earlier run need not hold its pods back for long while the API is away.
+            wait = min(wait, 2.0)
         try:
-            async with asyncio.timeout(self.settings.node_registration_wait):
+            async with asyncio.timeout(wait):
                 await self.node.register()
         except TimeoutError:
             log.warning("API server not reachable; starting without a registered node "
-                        "(registration continues in the background)",
-                        waited=self.settings.node_registration_wait)
-        remembered = self._remembered_pod_cidr()
+                        "(registration continues in the background)", waited=wait,
+                        pod_cidr=remembered or self.settings.pod_cidr)
         cidr = self.node.pod_cidr
         if cidr:
             if remembered and remembered != cidr:

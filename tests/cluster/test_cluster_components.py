@@ -339,3 +339,50 @@ def test_bad_kubeconfig_is_exit_code_2_naming_file_and_field(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "nodeagent.cli", "run", "--kubeconfig", str(tmp_path / "nope")],
                              cwd=REPO, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and str(tmp_path / "nope") in missing.stderr
+
+
+# --- API pod source ---------------------------------------------------------------------
+
+async def test_api_source_routes_events_by_kind_of_change(cp_recording, node_client):
+    from nodeagent.cluster.apisource import ApiPodSource
+
+    cp = cp_recording
+    seen: list[tuple] = []
+    source = ApiPodSource(
+        node_client, "n1",
+        on_pod=lambda p: seen.append(("pod", p["metadata"]["name"])),
+        on_pod_removed=lambda p: seen.append(("removed", p["metadata"]["name"])),
+        on_api_copy=lambda p: seen.append(("copy", p["metadata"]["name"])),
+        on_mirror=lambda e, p: seen.append(("mirror", e, p["metadata"]["name"])))
+    task = asyncio.create_task(source.run())
+    try:
+        pod = await _make_pod(cp, "mine")
+        cp.api.create(PODS_RT, "default", {"metadata": {"name": "theirs"}, "spec": {
+            "nodeName": "n2", "containers": [{"name": "c", "image": "busybox:1.35"}]}})
+        cp.api.create(PODS_RT, "default", {"metadata": {"name": "st-n1", "annotations": {MIRROR_ANNOTATION: "h"}},
+                                           "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox:1.35"}]}})
+        await cp.wait_for(lambda: ("mirror", "ADDED", "st-n1") in seen and ("pod", "mine") in seen, what="initial events")
+        assert source.synced and not any("theirs" in e for e in seen)
+
+        # A status-only change (e.g. our own status patch) is a copy for the status
+        # manager, not a change for the pod's worker...
+        seen.clear()
+        cp.api.update(PODS_RT, "default", "mine", dict(pod, status=dict(pod["status"], phase="Running")),
+                      subresource="status")
+        await cp.wait_for(lambda: ("copy", "mine") in seen, what="status copy")
+        await asyncio.sleep(0.2)
+        assert ("pod", "mine") not in seen
+        # ...unless a condition someone else owns changed (a readiness gate).
+        current = cp.object("pods", "mine", "default")
+        gate = {"type": "example.com/gate", "status": "True"}
+        cp.api.update(PODS_RT, "default", "mine", dict(current, status=dict(
+            current["status"], conditions=[gate])), subresource="status")
+        await cp.wait_for(lambda: ("pod", "mine") in seen, what="readiness gate change")
+        # Metadata changes and deletion reach the worker.
+        seen.clear()
+        cp.api.patch(PODS_RT, "default", "mine", "application/merge-patch+json", {"metadata": {"labels": {"a": "b"}}})
+        cp.api.delete(PODS_RT, "default", "mine", {"gracePeriodSeconds": 0})
+        await cp.wait_for(lambda: ("removed", "mine") in seen, what="removal")
+        assert ("pod", "mine") in seen
+    finally:
+        task.cancel()

@@ -168,3 +168,42 @@ async def test_pod_network_uses_the_nodes_pod_cidr(make_controlplane, cluster_ag
     pod = await agent.wait_api_running_ready("inrange")
     assert ipaddress.ip_address(pod["status"]["podIP"]) in ipaddress.ip_network(pod_cidr)
     assert schema_problems(cp) == []
+
+
+async def test_agent_restart_adopts_everything(cp_recording, cluster_agent_factory):
+    cp = cp_recording
+    agent = await cluster_agent_factory(cp, manifests=True)
+    await agent.wait_node_ready()
+    node = agent.node_name
+    agent.write("st.yaml", {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "st"},
+                            "spec": {"terminationGracePeriodSeconds": 2, "containers": [busybox("app", SLEEP_FOREVER)]}})
+    cp.api.create(PODS_RT, "default", api_pod("api1", node, [busybox("app", SLEEP_FOREVER)]))
+    cp.api.create(PODS_RT, "default", api_pod("rej", node, [busybox("app", SLEEP_FOREVER)],
+                                              nodeSelector={"no": "such-label"}))
+    api1 = await agent.wait_api_running_ready("api1")
+    mirror = await agent.wait_api_running_ready(f"st-{node}")
+    await agent.wait_api_phase("rej", "Failed")
+    app = await _app_container(agent, "api1")
+    node_uid = agent.node_object()["metadata"]["uid"]
+
+    agent.kill9()
+    cp.api.create(PODS_RT, "default", api_pod("while-down", node, [busybox("app", SLEEP_FOREVER)]))
+    writes_before = len([w for w in cp.recorded_writes if w.resource == "pods/status" and w.name == "api1"])
+    await agent.astart()
+    await agent.wait_api_running_ready("while-down")
+    await asyncio.sleep(3)
+
+    # Same containers, same status (no write needed), same mirror, same Node; the
+    # rejected pod stays rejected and never gets a container.
+    after = await _app_container(agent, "api1")
+    assert after["Id"] == app["Id"] and is_running(after)
+    now = agent.api_pod("api1")
+    assert now["status"]["startTime"] == api1["status"]["startTime"]
+    assert now["status"]["conditions"] == api1["status"]["conditions"]
+    assert len([w for w in cp.recorded_writes if w.resource == "pods/status" and w.name == "api1"]) == writes_before
+    assert agent.api_pod(f"st-{node}")["metadata"]["uid"] == mirror["metadata"]["uid"]
+    assert agent.node_object()["metadata"]["uid"] == node_uid
+    rej = agent.api_pod("rej")
+    assert rej["status"]["phase"] == "Failed" and rej["status"]["reason"] == "NodeAffinity"
+    assert await agent.docker_containers(rej["metadata"]["uid"]) == []
+    assert schema_problems(cp) == []

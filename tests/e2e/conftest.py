@@ -69,6 +69,7 @@ class AgentProcess:
             "relist-period": 2.0,
             "manifest-poll-period": 0.3,
             "runtime-call-timeout": 20.0,
+            "proxy-table": f"na{token}",
         }
         config.update(extra_config or {})
         self.config_path = workdir / "config.yaml"
@@ -223,6 +224,9 @@ class AgentProcess:
         for cid in docker("ps", "-aq", "--filter", f"label=io.nodeagent.node={self.node_name}").split():
             docker("rm", "-f", cid, check=False)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        table = yaml.safe_load(self.config_path.read_text()).get("proxy-table")
+        if table:
+            subprocess.run(["nft", "delete", "table", "ip", table], capture_output=True)
         subprocess.run(["sh", "-c", f"grep -F '{self.root_dir}' /proc/mounts | cut -d' ' -f2 | xargs -r -n1 umount -l"],
                        capture_output=True)
 

@@ -52,11 +52,8 @@ def test_sidecar_reaches_app_on_localhost_and_status_shape(agent):
     assert httpd["Name"] == f"/k8s_httpd_web-{agent.node_name}_default_{pod['metadata']['uid']}_0"
 
     # The host reaches the pod on its own address through the node bridge.
-    out = subprocess.run(["wget", "-q", "-O", "-", "-T", "3", f"http://{status['podIP']}:8080/"],
+    out = subprocess.run(["curl", "-s", "-m", "3", f"http://{status['podIP']}:8080/"],
                          capture_output=True, text=True, timeout=10)
-    if out.returncode == 127:  # no host wget: use busybox
-        out = subprocess.run(["busybox", "wget", "-q", "-O", "-", "-T", "3", f"http://{status['podIP']}:8080/"],
-                             capture_output=True, text=True, timeout=10)
     assert out.stdout.strip() == expected
 
 
