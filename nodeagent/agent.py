@@ -279,6 +279,12 @@ class Agent:
                     tg.create_task(self.cluster.run(), name="cluster-mode")
                 if self.proxy is not None:
                     tg.create_task(self.proxy.run(), name="service-proxy")
+                    if self.cluster is not None:
+                        from nodeagent.cluster.proxyfeed import ClusterServiceFeed
+
+                        feed = ClusterServiceFeed(self.cluster.client, self.proxy,
+                                                  node_name=self.settings.node_name)
+                        tg.create_task(feed.run(), name="cluster-service-feed")
                 if self.service_feed is not None:
                     tg.create_task(self.service_feed.run(), name="service-feed")
         finally:
