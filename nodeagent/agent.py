@@ -283,7 +283,9 @@ class Agent:
                         from nodeagent.cluster.proxyfeed import ClusterServiceFeed
 
                         feed = ClusterServiceFeed(self.cluster.client, self.proxy,
-                                                  node_name=self.settings.node_name)
+                                                  node_name=self.settings.node_name,
+                                                  events=getattr(self.cluster.events, "record", None)
+                                                  and self.cluster.events)
                         tg.create_task(feed.run(), name="cluster-service-feed")
                 if self.service_feed is not None:
                     tg.create_task(self.service_feed.run(), name="service-feed")

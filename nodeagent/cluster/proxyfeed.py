@@ -22,15 +22,25 @@ log = structlog.get_logger(__name__)
 
 class ClusterServiceFeed:
     def __init__(self, client: KubeClient, proxy: ServiceProxy, *, node_name: str,
-                 routes: PodRoutes | None = None, route_sync_period: float = 30.0) -> None:
+                 routes: PodRoutes | None = None, route_sync_period: float = 30.0,
+                 events=None) -> None:
         self._client = client
         self._proxy = proxy
         self._routes = routes if routes is not None else PodRoutes(node_name=node_name)
         self._route_sync_period = route_sync_period
         self._routes_dirty = asyncio.Event()
         self._reported: set[str] = set()
+        # An ApiEventRecorder (or None): invalid Services get a Warning event too.
+        self._events = events
+        self._services: dict[str, dict] = {}
 
     def _on_service(self, event: str, svc: dict, _old: dict | None) -> None:
+        meta = svc.get("metadata") or {}
+        key = f"{meta.get('namespace', 'default')}/{meta.get('name')}"
+        if event == "DELETED":
+            self._services.pop(key, None)
+        else:
+            self._services[key] = svc
         self._proxy.on_service(event, svc)
         self._report_errors()
 
@@ -42,10 +52,18 @@ class ClusterServiceFeed:
         self._routes_dirty.set()
 
     def _report_errors(self) -> None:
-        current = {str(e) for e in self._proxy.errors}
-        for text in current - self._reported:
+        errors = {str(e): e for e in self._proxy.errors}
+        for text in errors.keys() - self._reported:
             log.error("service skipped", error=text)
-        self._reported = current
+            svc = self._services.get(errors[text].service)
+            if self._events is not None and svc is not None:
+                meta = svc["metadata"]
+                self._events.record(
+                    {"apiVersion": "v1", "kind": "Service", "namespace": meta.get("namespace", "default"),
+                     "name": meta["name"], "uid": meta.get("uid"),
+                     "resourceVersion": meta.get("resourceVersion")},
+                    "Warning", "InvalidService", text)
+        self._reported = set(errors)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:

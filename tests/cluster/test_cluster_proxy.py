@@ -62,9 +62,16 @@ async def test_services_slices_and_node_routes_reach_the_kernel(controlplane, ad
 
     proxy = ServiceProxy(table="nodeagent", node_name="me", node_ips=["10.202.250.1"],
                          cluster_cidr="10.244.0.0/16", service_cidr="10.96.0.0/12",
-                         min_sync_period=0.2, netns=node_ns)
+                         min_sync_period=0.2, netns=node_ns, nodeport_range=(31000, 31100))
+    recorded = []
+
+    class Events:
+        def record(self, involved, type_, reason, message):
+            recorded.append((involved, type_, reason, message))
+
     feed = ClusterServiceFeed(admin_client, proxy, node_name="me",
-                              routes=PodRoutes(node_name="me", netns=node_ns), route_sync_period=1.0)
+                              routes=PodRoutes(node_name="me", netns=node_ns), route_sync_period=1.0,
+                              events=Events())
 
     def table() -> str:
         out = subprocess.run(["ip", "netns", "exec", node_ns, "nft", "list", "table", "ip", "nodeagent"],
@@ -87,6 +94,19 @@ async def test_services_slices_and_node_routes_reach_the_kernel(controlplane, ad
                 "endpoints": [{"addresses": ["10.244.9.8"], "conditions": {"ready": True}, "nodeName": "other"}]},
                 namespace="default", patch_type="application/merge-patch+json")
             await wait_until("new endpoint", lambda: "10.244.9.8" in table() and "10.244.9.7" not in table())
+
+            # A Service the proxy cannot program (its NodePort is outside this node's range,
+            # which the API server cannot know) is skipped with a Warning event; the
+            # others keep working.
+            await admin_client.create(R.SERVICES, {
+                "metadata": {"name": "bad", "namespace": "default"},
+                "spec": {"type": "NodePort", "clusterIP": "10.96.0.51",
+                         "ports": [{"port": 81, "targetPort": 8080, "protocol": "TCP", "nodePort": 30555}]}},
+                namespace="default")
+            await wait_until("error event", lambda: any("default/bad" in str(e) for e in proxy.errors))
+            await asyncio.sleep(0.5)
+            assert "10.96.0.51" not in table() and "10.96.0.50 . tcp . 80" in table()
+            assert [e for e in recorded if e[2] == "InvalidService" and e[0]["name"] == "bad"]
 
             # The other node goes away: its route goes too.
             await admin_client.delete(R.NODES, "other")
