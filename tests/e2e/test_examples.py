@@ -6,7 +6,14 @@ import shutil
 
 import pytest
 
+import urllib.request
+
 from tests.e2e.conftest import REPO, docker
+
+
+def _proxy_show(agent) -> str:
+    with urllib.request.urlopen(agent.url + "/proxy", timeout=5) as resp:
+        return resp.read().decode()
 
 pytestmark = [pytest.mark.docker, pytest.mark.root]
 
@@ -28,6 +35,11 @@ def test_examples_run_as_documented(agent):
 
     once = agent.wait_phase("once", "Succeeded", timeout=30)
     assert once["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+
+    # The web Service got a ClusterIP and NodePort 30080 with the web pod behind it.
+    show = agent.wait_for("web service programmed", lambda: (text := _proxy_show(agent)) and
+                          web["status"]["podIP"] in text and text)
+    assert "default/web" in show and "30080" in show
 
     crasher = agent.wait_for("crasher restarts", lambda: (p := agent.pod("crasher")) and
                              p["status"]["containerStatuses"][0]["restartCount"] >= 2 and p, timeout=40)
