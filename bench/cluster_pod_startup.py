@@ -57,7 +57,7 @@ sys.path.insert(0, str(REPO))
 
 from nodeagent.kube import Informer, KubeClient, load_kubeconfig  # noqa: E402
 from nodeagent.kube import resources as R  # noqa: E402
-from tests.controlplane import ControlPlane, Options  # noqa: E402
+from tests.controlplane import ControlPlane  # noqa: E402
 from tests.controlplane import resources as cp_resources  # noqa: E402
 
 IMAGE = "busybox:1.35"
@@ -78,9 +78,29 @@ def pct(values: list[float], p: float) -> float:
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
-def summary(values: list[float]) -> dict:
-    return {"n": len(values), "p50_s": round(pct(values, 50), 3), "p99_s": round(pct(values, 99), 3),
-            "max_s": round(max(values), 3), "mean_s": round(statistics.mean(values), 3)}
+def summary(values: list[float], samples: bool = False) -> dict:
+    out = {"n": len(values), "p50_s": round(pct(values, 50), 3), "p99_s": round(pct(values, 99), 3),
+           "max_s": round(max(values), 3), "mean_s": round(statistics.mean(values), 3)}
+    if samples:
+        out["all_s"] = [round(v, 3) for v in values]
+    return out
+
+
+class StoredRunning:
+    """When the control plane stored each pod's first status with phase Running (the
+    agent's status patch arriving), from the store's own listener: no watch in between."""
+
+    def __init__(self, cp: ControlPlane) -> None:
+        self.at: dict[str, float] = {}
+        self._cp = cp
+        cp.store.listeners.append(self._listen)
+
+    def _listen(self, ev) -> None:
+        if ev.storage == "/pods" and (ev.obj.get("status") or {}).get("phase") == "Running":
+            self.at.setdefault(ev.obj["metadata"]["name"], time.time())
+
+    def close(self) -> None:
+        self._cp.store.listeners.remove(self._listen)
 
 
 def manifest(name: str) -> dict:
@@ -97,19 +117,27 @@ def api_pod(name: str, node: str, **spec) -> dict:
 
 
 class Agent:
-    def __init__(self, workdir: Path, node: str, *, kubeconfig: Path | None) -> None:
+    def __init__(self, workdir: Path, node: str, *, kubeconfig: Path | None, manifests: bool = True,
+                 extra_config: dict | None = None) -> None:
         self.workdir = workdir
         self.node = node
         self.port = free_port()
-        self.bridge = f"nab{secrets.token_hex(3)}"
+        token = secrets.token_hex(3)
+        self.bridge = f"nab{token}"
+        # The service proxy stays on (the agent's default) in its own nftables table.
+        self.proxy_table = f"nab{token}"
         self.manifests = workdir / "m"
         self.manifests.mkdir(parents=True, exist_ok=True)
         cfg = workdir / "config.yaml"
-        cfg.write_text(yaml.safe_dump({"bridge-name": self.bridge, "manifest-poll-period": 1.0}))
+        cfg.write_text(yaml.safe_dump({"bridge-name": self.bridge, "manifest-poll-period": 1.0,
+                                       "proxy-table": self.proxy_table, **(extra_config or {})}))
         self.cmd = [sys.executable, "-m", "nodeagent.cli", "run", "--node-name", node,
                     "--pod-cidr", POD_CIDR, "--status-address", f"127.0.0.1:{self.port}",
                     "--root-dir", str(workdir / "root"), "--config", str(cfg), "--log-level", "warning"]
-        self.cmd += ["--kubeconfig", str(kubeconfig)] if kubeconfig else ["--manifest-dir", str(self.manifests)]
+        if kubeconfig:
+            self.cmd += ["--kubeconfig", str(kubeconfig)]
+        if manifests or not kubeconfig:
+            self.cmd += ["--manifest-dir", str(self.manifests)]
         self.proc: subprocess.Popen | None = None
 
     async def start(self) -> None:
@@ -127,6 +155,30 @@ class Agent:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/pods", timeout=5) as resp:
             return json.load(resp)["items"]
 
+    def write(self, name: str) -> float:
+        """Write a static pod manifest; returns when it appeared (the clock's start)."""
+        tmp = self.manifests / f".{name}.tmp"
+        tmp.write_text(yaml.safe_dump(manifest(name)))
+        t0 = time.time()
+        os.replace(tmp, self.manifests / f"{name}.yaml")
+        return t0
+
+    async def wait_running(self, started: dict[str, float], interval: float) -> dict[str, float]:
+        """Poll /pods until each named pod's status says Running; seconds from start."""
+        seen: dict[str, float] = {}
+        deadline = time.monotonic() + 600
+        while set(started) - set(seen):
+            pods = await asyncio.to_thread(self.pods)
+            now = time.time()
+            for p in pods:
+                n = p["metadata"]["name"]
+                if n in started and n not in seen and p["status"].get("phase") == "Running":
+                    seen[n] = now - started[n]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not running on /pods: {sorted(set(started) - set(seen))[:5]}")
+            await asyncio.sleep(interval)
+        return seen
+
     async def stop(self, docker: aiodocker.Docker) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -136,6 +188,7 @@ class Agent:
                 self.proc.kill()
         await remove_labelled(docker, f"io.nodeagent.node={self.node}")
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        subprocess.run(["nft", "delete", "table", "ip", self.proxy_table], capture_output=True)
         subprocess.run(["sh", "-c", f"grep -F '{self.workdir}' /proc/mounts | cut -d' ' -f2 | xargs -r -n1 umount -l"])
 
 
@@ -165,41 +218,19 @@ async def standalone(args, docker, root: Path, tag: str) -> dict:
     await agent.start()
     out: dict = {}
     try:
-        async def wait_running(names: set[str], started: dict[str, float], interval: float) -> dict[str, float]:
-            seen: dict[str, float] = {}
-            deadline = time.monotonic() + 600
-            while names - set(seen):
-                pods = await asyncio.to_thread(agent.pods)
-                now = time.time()
-                for p in pods:
-                    n = p["metadata"]["name"]
-                    if n in names and n not in seen and p["status"].get("phase") == "Running":
-                        seen[n] = now - started[n]
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"standalone: not running: {sorted(names - set(seen))[:5]}")
-                await asyncio.sleep(interval)
-            return seen
-
-        def write(name: str) -> float:
-            tmp = agent.manifests / f".{name}.tmp"
-            tmp.write_text(yaml.safe_dump(manifest(name)))
-            t0 = time.time()
-            os.replace(tmp, agent.manifests / f"{name}.yaml")
-            return t0
-
         await asyncio.sleep(2)
         one = []
         for i in range(args.runs):
             full = f"one{i}-{node}"
-            t0 = write(f"one{i}")
-            one.append((await wait_running({full}, {full: t0}, 0.02))[full])
+            t0 = agent.write(f"one{i}")
+            one.append((await agent.wait_running({full: t0}, 0.02))[full])
             (agent.manifests / f"one{i}.yaml").unlink()
             await wait_no_containers(docker, node)
-        out["one_pod"] = summary(one)
+        out["one_pod"] = summary(one, samples=True)
         print("standalone one pod", json.dumps(out["one_pod"]), flush=True)
 
-        started = {f"burst{i}-{node}": write(f"burst{i}") for i in range(args.pods)}
-        burst = await wait_running(set(started), started, 0.05)
+        started = {f"burst{i}-{node}": agent.write(f"burst{i}") for i in range(args.pods)}
+        burst = await agent.wait_running(started, 0.05)
         out["burst"] = summary(list(burst.values()))
         print("standalone burst", json.dumps(out["burst"]), flush=True)
     finally:
@@ -248,6 +279,7 @@ async def cluster(args, docker, root: Path, tag: str) -> dict:
     admin = KubeClient(load_kubeconfig(cp.admin_kubeconfig), qps=0)
     watcher = RunningWatcher(admin)
     watcher.informer.start()
+    stored = StoredRunning(cp)
     agent = Agent(root / "cluster", node, kubeconfig=cp.make_kubeconfig(user, ["system:nodes"]))
     out: dict = {}
     try:
@@ -263,20 +295,31 @@ async def cluster(args, docker, root: Path, tag: str) -> dict:
         background = delta(node_requests(cp, user), before)
         out["background_requests_per_10s"] = background
 
-        one, per_start = [], []
+        one, one_stored, static_one, per_start = [], [], [], []
         for i in range(args.runs):
+            # The same agent's manifest path right before, under the same conditions.
+            full = f"sone{i}-{node}"
+            t0 = agent.write(f"sone{i}")
+            static_one.append((await agent.wait_running({full: t0}, 0.02))[full])
+            (agent.manifests / f"sone{i}.yaml").unlink()
+            await wait_no_containers(docker, node)
+            await cp.wait_for(lambda: cp.object("pods", full, "default") is None, timeout=60, what="mirror gone")
+
             name = f"one{i}"
             before = node_requests(cp, user)
             t0 = time.time()
             await admin.create(R.PODS, api_pod(name, node))
             await watcher.wait({name})
             one.append(watcher.running[name] - t0)
+            one_stored.append(stored.at[name] - t0)
             await asyncio.sleep(1.0)  # let the statuses and events of this start settle
             per_start.append(delta(node_requests(cp, user), before))
             await admin.delete(R.PODS, name, "default")
             await cp.wait_for(lambda: cp.object("pods", name, "default") is None, timeout=60, what="pod deleted")
             await wait_no_containers(docker, node)
-        out["one_pod"] = summary(one)
+        out["one_pod"] = summary(one, samples=True)
+        out["one_pod_until_status_stored"] = summary(one_stored, samples=True)
+        out["one_pod_static_same_agent"] = summary(static_one, samples=True)
         keys = sorted({k for d in per_start for k in d})
         out["requests_per_single_pod_start"] = {k: statistics.mean(d.get(k, 0) for d in per_start) for k in keys}
         print("cluster one pod", json.dumps(out["one_pod"]), json.dumps(out["requests_per_single_pod_start"]),
@@ -298,6 +341,7 @@ async def cluster(args, docker, root: Path, tag: str) -> dict:
         await asyncio.sleep(3)
         burst_requests = delta(node_requests(cp, user), before)
         out["burst"] = dict(summary(list(burst.values())), all_running_s=round(all_running, 2))
+        out["burst_until_status_stored"] = summary([stored.at[n] - created[n] for n in names])
         out["requests_per_pod_in_burst"] = {k: round(v / args.pods, 2) for k, v in sorted(burst_requests.items())}
         out["requests_per_pod_in_burst_total"] = round(sum(burst_requests.values()) / args.pods, 2)
         print("cluster burst", json.dumps(out["burst"]), json.dumps(out["requests_per_pod_in_burst"]), flush=True)
@@ -316,12 +360,52 @@ async def cluster(args, docker, root: Path, tag: str) -> dict:
 
         out["watch"] = await watch_throughput(args, cp, node, user, proc)
         out["rss_mb_after_watch_flood"] = round(proc.memory_info().rss / 2**20, 1)
+        await agent.stop(docker)
+        out["mixed_burst"] = await mixed_burst(args, docker, root, tag, cp, admin, watcher, stored)
     finally:
+        stored.close()
         await watcher.informer.stop()
         await admin.close()
         await agent.stop(docker)
         await cp.stop()
     return out
+
+
+async def mixed_burst(args, docker, root: Path, tag: str, cp: ControlPlane, admin: KubeClient,
+                      watcher: "RunningWatcher", stored: StoredRunning) -> dict:
+    """Half the burst from the API, half from manifests, created interleaved on one
+    cluster-mode agent: both paths under the very same Docker contention."""
+    node = f"bench-mx-{tag}"
+    user = f"system:node:{node}"
+    agent = Agent(root / "mixed", node, kubeconfig=cp.make_kubeconfig(user, ["system:nodes"]))
+    try:
+        await agent.start()
+        await cp.wait_for(lambda: any(c["type"] == "Ready" and c["status"] == "True" for c in
+                                      ((cp.object("nodes", node) or {}).get("status") or {}).get("conditions") or []),
+                          timeout=60, what="node Ready")
+        await asyncio.sleep(2)
+        static_started: dict[str, float] = {}
+        api_started: dict[str, float] = {}
+        for i in range(args.pods // 2):
+            static_started[f"ms{i}-{node}"] = agent.write(f"ms{i}")
+            api_started[f"ma{i}"] = time.time()
+            await admin.create(R.PODS, api_pod(f"ma{i}", node))
+        static_task = asyncio.create_task(agent.wait_running(static_started, 0.05))
+        await watcher.wait(set(api_started))
+        static = await static_task
+        api = [watcher.running[n] - t for n, t in api_started.items()]
+        result = {"pods": len(static_started) + len(api_started),
+                  "static_manifest_to_running_on_pods": summary(list(static.values())),
+                  "api_create_to_running_in_api": summary(api),
+                  "api_create_to_status_stored": summary([stored.at[n] - t for n, t in api_started.items()])}
+        result["api_path_adds_p50_s"] = round(result["api_create_to_running_in_api"]["p50_s"]
+                                              - result["static_manifest_to_running_on_pods"]["p50_s"], 3)
+        result["api_path_adds_p99_s"] = round(result["api_create_to_running_in_api"]["p99_s"]
+                                              - result["static_manifest_to_running_on_pods"]["p99_s"], 3)
+        print("mixed burst", json.dumps(result), flush=True)
+        return result
+    finally:
+        await agent.stop(docker)
 
 
 # --- C. watch throughput -------------------------------------------------------------
@@ -409,6 +493,10 @@ async def main() -> None:
     ap.add_argument("--skip-standalone", action="store_true")
     args = ap.parse_args()
 
+    # SIGTERM/SIGINT cancel the run, so the cleanup in the finally blocks still happens.
+    task = asyncio.current_task()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
     tag = secrets.token_hex(3)
     root = Path(tempfile.mkdtemp(prefix="nodeagent-cluster-bench-"))
     docker = aiodocker.Docker()
@@ -418,9 +506,13 @@ async def main() -> None:
         if not args.skip_standalone:
             results["standalone"] = await standalone(args, docker, root, tag)
         results["cluster"] = await cluster(args, docker, root, tag)
+        cl = results["cluster"]
+        results["api_path_adds_same_agent_one_pod"] = {
+            "p50_s": round(cl["one_pod"]["p50_s"] - cl["one_pod_static_same_agent"]["p50_s"], 3),
+            "p99_s": round(cl["one_pod"]["p99_s"] - cl["one_pod_static_same_agent"]["p99_s"], 3)}
         if "standalone" in results:
-            sa, cl = results["standalone"], results["cluster"]
-            results["api_path_adds"] = {
+            sa = results["standalone"]
+            results["api_path_adds_vs_standalone_agent"] = {
                 "one_pod_p50_s": round(cl["one_pod"]["p50_s"] - sa["one_pod"]["p50_s"], 3),
                 "one_pod_p99_s": round(cl["one_pod"]["p99_s"] - sa["one_pod"]["p99_s"], 3),
                 "burst_p50_s": round(cl["burst"]["p50_s"] - sa["burst"]["p50_s"], 3),

@@ -98,10 +98,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"nodeagent: {exc}", file=sys.stderr)
             return 2
 
-    from nodeagent.logs import configure_logging
-
-    configure_logging(args.log_level)
-    log = structlog.get_logger("nodeagent")
     flags = {
         "manifest_dir": args.manifest_dir,
         "kubeconfig": args.kubeconfig,
@@ -124,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         except KubeConfigError as exc:
             print(f"nodeagent: {exc}", file=sys.stderr)
             return 2
+    # Logging is set up only once the settings are good: usage errors are plain
+    # messages, and a rejected command line leaves the process's logging untouched.
+    from nodeagent.logs import configure_logging
+
+    configure_logging(args.log_level)
+    log = structlog.get_logger("nodeagent")
     return asyncio.run(_run(settings, log))
 
 

@@ -17,7 +17,6 @@ from nodeagent.cluster.mirror import MIRROR_ANNOTATION, mirror_pod_for
 from nodeagent.cluster.node import KUBELET_VERSION, NodeManager
 from nodeagent.cluster.statusmanager import StatusManager, build_status_patch
 from nodeagent.kube import KubeClient, load_kubeconfig
-from nodeagent.kube import resources as R
 from tests.cluster.test_cluster_support import PODS_RT, cp_recording, schema_problems  # noqa: F401
 from tests.controlplane import resources as cp_resources
 from tests.controlplane.schema import validate_object

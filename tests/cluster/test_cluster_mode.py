@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.cluster.node import KUBELET_VERSION, micro_time  # noqa: F401
+from nodeagent.cluster.node import KUBELET_VERSION
 from tests.cluster.test_cluster_support import (IGNORE_TERM, SLEEP_FOREVER, api_pod, busybox,  # noqa: F401
-                                                cluster_agent_factory, cp_recording, is_running,
+                                                cluster_agent_factory, cp_recording,
                                                 kubectl_apply, rkubectl, schema_problems)
 
 pytestmark = [pytest.mark.docker, pytest.mark.root]
