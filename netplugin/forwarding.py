@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shlex
 import shutil
 
 import structlog
@@ -109,12 +110,19 @@ async def ensure_bridge_forwarding(bridge: str) -> bool:
 
 
 async def remove_bridge_forwarding(bridge: str) -> None:
-    """Delete ``bridge``'s rule (every copy of it); idempotent."""
+    """Delete every rule of ours for ``bridge`` (whatever rule shape an older version
+    installed: matched by its comment); idempotent."""
     if not iptables_available():
         return
-    for rule in bridge_rules(bridge):
-        while (await _iptables("-D", CHAIN, *rule))[0] == 0:
-            pass
+    rc, text = await _iptables("-S", CHAIN)
+    if rc != 0:
+        return
+    for line in text.splitlines():
+        match = _RULE_COMMENT.search(line)
+        if line.startswith(f"-A {CHAIN} ") and match and match.group(1) == bridge:
+            args = shlex.split(line)
+            args[0] = "-D"
+            await _iptables(*args)
 
 
 async def bridges_with_rules() -> set[str]:

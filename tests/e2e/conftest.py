@@ -223,10 +223,9 @@ class AgentProcess:
         # leave the same network at once (moby/moby#46661).
         for cid in docker("ps", "-aq", "--filter", f"label=io.nodeagent.node={self.node_name}").split():
             docker("rm", "-f", cid, check=False)
-        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
-        table = yaml.safe_load(self.config_path.read_text()).get("proxy-table")
-        if table:
-            subprocess.run(["nft", "delete", "table", "ip", table], capture_output=True)
+        # The agent's own uninstall: its nftables table, bridge and forwarding rules.
+        subprocess.run([sys.executable, "-m", "nodeagent.cli", "cleanup", "--config", str(self.config_path)],
+                       cwd=REPO, capture_output=True, timeout=60)
         subprocess.run(["sh", "-c", f"grep -F '{self.root_dir}' /proc/mounts | cut -d' ' -f2 | xargs -r -n1 umount -l"],
                        capture_output=True)
 
