@@ -307,3 +307,41 @@ async def test_references_and_events_are_wired(cp_recording, rkubectl, cluster_a
                    if e["involvedObject"].get("kind") == "Node"}
     assert {"Starting", "NodeReady"} <= node_events
     assert schema_problems(cp) == []
+
+
+async def test_configmap_and_secret_updates_reach_mounted_volumes(cp_recording, rkubectl, cluster_agent_factory):
+    """configMap/secret volumes and secret env; an update to the configMap and the secret
+    reaches the files of the running pod (atomic ..data swap), env stays as started."""
+    cp, kubectl = cp_recording, rkubectl
+    agent = await cluster_agent_factory(cp)
+    await agent.wait_node_ready()
+    await kubectl("create", "configmap", "files", "--from-literal=greeting=v1")
+    await kubectl("create", "secret", "generic", "creds", "--from-literal=password=s1")
+    pod = api_pod("vols", agent.node_name, [busybox(
+        "app", SLEEP_FOREVER,
+        env=[{"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}}],
+        volumeMounts=[{"name": "cfg", "mountPath": "/cfg"}, {"name": "sec", "mountPath": "/sec"}])])
+    pod["spec"]["volumes"] = [{"name": "cfg", "configMap": {"name": "files"}},
+                              {"name": "sec", "secret": {"secretName": "creds", "defaultMode": 0o400}}]
+    await kubectl_apply(kubectl, pod)
+    running = await agent.wait_api_running_ready("vols")
+    (app,) = [c for c in await agent.docker_containers(running["metadata"]["uid"], running_only=True)
+              if c["Config"]["Labels"]["io.kubernetes.container.name"] == "app"]
+
+    def read(path: str) -> str:
+        return subprocess.run(["docker", "exec", app["Id"], "cat", path],
+                              capture_output=True, text=True, timeout=30).stdout
+
+    assert read("/cfg/greeting") == "v1" and read("/sec/password") == "s1"
+    assert "PASSWORD=s1" in app["Config"]["Env"]
+    await kubectl("patch", "configmap", "files", "--type=merge", "-p", '{"data":{"greeting":"v2"}}')
+    await kubectl("patch", "secret", "creds", "--type=merge", "-p", '{"stringData":{"password":"s2"}}')
+    await agent.wait("configMap update in the volume",
+                     lambda: asyncio.to_thread(lambda: read("/cfg/greeting") == "v2"), 60)
+    await agent.wait("secret update in the volume",
+                     lambda: asyncio.to_thread(lambda: read("/sec/password") == "s2"), 60)
+    # The swap is kubelet's AtomicWriter layout: files are links into ..data.
+    listing = subprocess.run(["docker", "exec", app["Id"], "ls", "-la", "/cfg"],
+                             capture_output=True, text=True, timeout=30).stdout
+    assert "..data ->" in listing and "greeting -> ..data/greeting" in listing
+    assert schema_problems(cp) == []
