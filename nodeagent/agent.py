@@ -98,7 +98,7 @@ class Agent:
             sandbox_image=self._sandbox_image,
             host_ip=self.host_ip,
             on_status=self._on_status,
-            on_forget=lambda uid: self.service_feed and self.service_feed.pods_changed(),
+            on_forget=self._on_forget,
             events=self.cluster.events if self.cluster else None,
             env_sources=self.cluster.env_sources if self.cluster else None,
         )
@@ -158,6 +158,10 @@ class Agent:
     def _on_status(self, uid: str, status: dict) -> None:
         if self.cluster is not None:
             self.cluster.on_status(uid, status)
+        if self.service_feed is not None:
+            self.service_feed.pods_changed()
+
+    def _on_forget(self, uid: str) -> None:
         if self.service_feed is not None:
             self.service_feed.pods_changed()
 
@@ -284,8 +288,7 @@ class Agent:
 
                         feed = ClusterServiceFeed(self.cluster.client, self.proxy,
                                                   node_name=self.settings.node_name,
-                                                  events=getattr(self.cluster.events, "record", None)
-                                                  and self.cluster.events)
+                                                  events=self.cluster.events)
                         tg.create_task(feed.run(), name="cluster-service-feed")
                 if self.service_feed is not None:
                     tg.create_task(self.service_feed.run(), name="service-feed")

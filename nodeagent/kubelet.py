@@ -340,11 +340,9 @@ class Kubelet:
             log.warning("container failed to start", pod=_fmt(pod), container=start.name, error=str(exc))
             self.events.event(pod, WARNING, "Failed", f"Error: {exc}", field_path=path)
             return "CreateContainerError", str(exc), 10.0
-        except NotFound:
-            raise
+        except (NotFound, RuntimeUnavailable):
+            raise  # the pod worker retries the whole sync
         except RuntimeError_ as exc:
-            if isinstance(exc, RuntimeUnavailable):
-                raise
             # The process could not run (bad command...): Docker keeps the error on the
             # container and the status shows it terminated with ContainerCannotRun.
             log.warning("container failed to run", pod=_fmt(pod), container=start.name, error=str(exc))

@@ -71,6 +71,7 @@ class ClusterAgent(AgentProcess):
         self.with_manifests = manifests
         self.subnet = next(_SUBNETS)
         self.pod_cidr = f"10.247.{self.subnet}.0/24"
+        self.guard_range(self.pod_cidr)
         self.kubeconfig = controlplane.make_kubeconfig(
             f"system:node:{self.node_name}", ["system:nodes"], path=workdir / "node.kubeconfig")
 

@@ -75,6 +75,17 @@ class AgentProcess:
         self.config_path = workdir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen | None = None
+        self._guarded: list[str] = []
+        self.guard_range(self.pod_cidr)
+
+    def guard_range(self, cidr: str) -> None:
+        """Network safety: reserve the range with an unreachable route before any
+        traffic can go to it. The agent's bridge route (metric 0) wins while it exists;
+        if the bridge vanished, packets fail locally instead of following the default
+        route off the machine."""
+        subprocess.run(["ip", "route", "replace", "unreachable", cidr, "metric", "4000"],
+                       capture_output=True, check=True)
+        self._guarded.append(cidr)
 
     @property
     def url(self) -> str:
@@ -223,6 +234,8 @@ class AgentProcess:
         # leave the same network at once (moby/moby#46661).
         for cid in docker("ps", "-aq", "--filter", f"label=io.nodeagent.node={self.node_name}").split():
             docker("rm", "-f", cid, check=False)
+        for cidr in self._guarded:
+            subprocess.run(["ip", "route", "del", "unreachable", cidr, "metric", "4000"], capture_output=True)
         # The agent's own uninstall: its nftables table, bridge and forwarding rules.
         subprocess.run([sys.executable, "-m", "nodeagent.cli", "cleanup", "--config", str(self.config_path)],
                        cwd=REPO, capture_output=True, timeout=60)
