@@ -13,14 +13,14 @@ import structlog
 from netplugin.podnet import BridgeNetwork
 from nodeagent.backoff import Backoff
 from nodeagent.config import Settings
-from nodeagent.kubelet import Kubelet
-from nodeagent.manifests import ManifestSnapshot, ManifestSource
-from nodeagent.pleg import PLEG
-from nodeagent.podworkers import PodWorkers
+from nodeagent.kubelet.kubelet import Kubelet
+from nodeagent.standalone.manifests import ManifestSnapshot, ManifestSource
+from nodeagent.kubelet.pleg import PLEG
+from nodeagent.kubelet.podworkers import PodWorkers
 from netplugin.proxy import ServiceProxy, StandaloneServices
-from nodeagent.server import StatusServer
-from nodeagent.services import StandaloneServiceFeed
-from nodeagent.volumes import VolumeManager
+from nodeagent.server.status import StatusServer
+from nodeagent.standalone.services import StandaloneServiceFeed
+from nodeagent.kubelet.volumes import VolumeManager
 from runtime.docker import DockerRuntime
 from runtime.images import DockerImageService
 from runtime.pause_image import ensure_pause_image

@@ -167,7 +167,7 @@ def validate(s: Settings) -> None:
 
 def parse_node_labels(text: str) -> dict[str, str]:
     """ "a=b,c=d" -> {"a": "b", "c": "d"}; label keys and values as Kubernetes allows."""
-    from nodeagent.podspec import is_label_value, is_qualified_name
+    from nodeagent.api.podspec import is_label_value, is_qualified_name
 
     labels: dict[str, str] = {}
     for part in (p.strip() for p in (text or "").split(",")):

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Iterable, Mapping
 
-from nodeagent.podspec import effective_requests
-from nodeagent.quantity import QuantityError, parse_quantity
+from nodeagent.api.podspec import effective_requests
+from nodeagent.api.quantity import QuantityError, parse_quantity
 
 # Resources kubelet checks, in its order, with the unit it reports amounts in.
 CHECKED_RESOURCES = ("cpu", "memory", "ephemeral-storage")

@@ -23,7 +23,7 @@ import structlog
 from nodeagent.cluster.mirror import is_mirror_pod
 from nodeagent.kube import Informer, KubeClient
 from nodeagent.kube import resources as R
-from nodeagent.podstatus import KUBELET_CONDITIONS
+from nodeagent.kubelet.podstatus import KUBELET_CONDITIONS
 
 log = structlog.get_logger(__name__)
 

@@ -42,10 +42,10 @@ from typing import Any, Callable, Generic, TypeVar
 
 import structlog
 
-from nodeagent.events import NORMAL, WARNING
+from nodeagent.kubelet.events import NORMAL, WARNING
 from nodeagent.kube import ApiConnectionError, ApiError, KubeClient, PatchType
 from nodeagent.kube import resources as R
-from nodeagent.podspec import DEFAULT_NAMESPACE
+from nodeagent.api.podspec import DEFAULT_NAMESPACE
 
 log = structlog.get_logger(__name__)
 

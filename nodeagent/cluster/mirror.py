@@ -22,7 +22,7 @@ import structlog
 
 from nodeagent.kube import ApiConnectionError, ApiError, KubeClient
 from nodeagent.kube import resources as R
-from nodeagent.manifests import CONFIG_HASH_ANNOTATION
+from nodeagent.standalone.manifests import CONFIG_HASH_ANNOTATION
 
 log = structlog.get_logger(__name__)
 

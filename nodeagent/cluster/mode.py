@@ -29,7 +29,7 @@ from nodeagent.cluster.node import NodeManager
 from nodeagent.cluster.refs import ClusterEnvSources
 from nodeagent.cluster.statusmanager import TERMINAL_PHASES, StatusManager
 from nodeagent.config import parse_node_labels
-from nodeagent.events import NORMAL, WARNING
+from nodeagent.kubelet.events import NORMAL, WARNING
 from nodeagent.kube import KubeClient, load_kubeconfig
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -57,10 +57,10 @@ from typing import Callable, Iterable, NamedTuple
 
 import structlog
 
-from nodeagent.containerconfig import ConfigError
+from nodeagent.kubelet.containerconfig import ConfigError
 from nodeagent.kube import ApiConnectionError, ApiError, KubeClient, Reflector
 from nodeagent.kube import resources as R
-from nodeagent.podspec import DEFAULT_NAMESPACE
+from nodeagent.api.podspec import DEFAULT_NAMESPACE
 
 log = structlog.get_logger(__name__)
 

@@ -30,7 +30,7 @@ import structlog
 
 from nodeagent.kube import ApiConnectionError, ApiError, KubeClient, RateLimiter
 from nodeagent.kube import resources as R
-from nodeagent.podstatus import get_phase
+from nodeagent.kubelet.podstatus import get_phase
 
 log = structlog.get_logger(__name__)
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from nodeagent.cluster.events import AGGREGATE_PREFIX, ApiEventRecorder
-from nodeagent.events import NORMAL, WARNING, EventSink
+from nodeagent.kubelet.events import NORMAL, WARNING, EventSink
 from nodeagent.kube import KubeClient, load_kubeconfig
 from nodeagent.kube import resources as R
 from tests.cluster.conftest import Kubectl, find_kubectl

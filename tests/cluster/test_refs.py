@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from nodeagent.cluster.refs import CONFIG_MAP, SECRET, ClusterEnvSources, pod_references
-from nodeagent.containerconfig import ConfigError, NodeResources, build_container_config, make_environment
+from nodeagent.kubelet.containerconfig import ConfigError, NodeResources, build_container_config, make_environment
 from nodeagent.kube import KubeClient, load_kubeconfig
 from nodeagent.kube import resources as R
-from nodeagent.volumes import DATA_DIR_NAME, VolumeManager, list_mounts
+from nodeagent.kubelet.volumes import DATA_DIR_NAME, VolumeManager, list_mounts
 from tests.controlplane import Options
 
 NODE = "node-refs"
@@ -546,7 +546,7 @@ async def test_kubelet_runs_a_pod_with_cluster_references(cp, admin, node_client
     import uuid
 
     from nodeagent.backoff import Backoff
-    from nodeagent.kubelet import Kubelet
+    from nodeagent.kubelet.kubelet import Kubelet
     from runtime.docker import DockerRuntime
     from runtime.images import DockerImageService
     from runtime.pause_image import PAUSE_IMAGE, ensure_pause_image

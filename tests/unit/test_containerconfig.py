@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from nodeagent.containerconfig import (
+from nodeagent.kubelet.containerconfig import (
     ConfigError,
     NodeResources,
     build_container_config,
@@ -16,8 +16,8 @@ from nodeagent.containerconfig import (
     oom_score_adj,
     prepare_sub_path,
 )
-from nodeagent.hashing import container_hash
-from nodeagent.podspec import apply_defaults
+from nodeagent.kubelet.hashing import container_hash
+from nodeagent.api.podspec import apply_defaults
 from runtime.types import Mount
 
 GiB = 2**30

@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from nodeagent.manifests import ManifestSource
+from nodeagent.standalone.manifests import ManifestSource
 
 NODE = "node1"
 

@@ -7,8 +7,8 @@ import itertools
 import pytest
 
 from nodeagent.backoff import Backoff
-from nodeagent.hashing import container_hash
-from nodeagent.podactions import (
+from nodeagent.kubelet.hashing import container_hash
+from nodeagent.kubelet.podactions import (
     KillAction,
     PodActions,
     StartAction,

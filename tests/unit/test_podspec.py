@@ -2,7 +2,7 @@ import copy
 
 import pytest
 
-from nodeagent.podspec import (
+from nodeagent.api.podspec import (
     FieldError,
     apply_defaults,
     default_pull_policy,

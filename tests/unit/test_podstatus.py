@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from nodeagent.hashing import container_hash
-from nodeagent.podstatus import _fallback_qos_class, generate_pod_status, get_phase, qos_class, rfc3339
+from nodeagent.kubelet.hashing import container_hash
+from nodeagent.kubelet.podstatus import _fallback_qos_class, generate_pod_status, get_phase, qos_class, rfc3339
 from runtime.types import ContainerState, ContainerStatus, PodRef, SandboxState, SandboxStatus
 
 UID = "uid-1"

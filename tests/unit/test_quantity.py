@@ -2,7 +2,7 @@ from decimal import Decimal
 
 import pytest
 
-from nodeagent.quantity import QuantityError, cpu_millicores, memory_bytes, parse_quantity
+from nodeagent.api.quantity import QuantityError, cpu_millicores, memory_bytes, parse_quantity
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.containerconfig import ConfigError, NodeResources
-from nodeagent.podspec import apply_defaults
-from nodeagent.volumes import (
+from nodeagent.kubelet.containerconfig import ConfigError, NodeResources
+from nodeagent.api.podspec import apply_defaults
+from nodeagent.kubelet.volumes import (
     DATA_DIR_NAME,
     VolumeManager,
     list_mounts,

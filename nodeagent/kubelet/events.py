@@ -11,7 +11,7 @@ from typing import Protocol
 
 import structlog
 
-log = structlog.get_logger("nodeagent.events")
+log = structlog.get_logger("nodeagent.kubelet.events")
 
 NORMAL = "Normal"
 WARNING = "Warning"

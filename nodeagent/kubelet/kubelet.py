@@ -18,12 +18,12 @@ import structlog
 
 from netplugin.types import NetworkError, PodNetwork
 from nodeagent.backoff import Backoff
-from nodeagent.containerconfig import ConfigError, EnvSources, build_container_config
-from nodeagent.events import NORMAL, WARNING, EventSink, LogEventSink, container_field_path
-from nodeagent.podactions import compute_pod_actions, termination_order
-from nodeagent.podspec import iter_containers
-from nodeagent.podstatus import generate_pod_status
-from nodeagent.volumes import VolumeManager
+from nodeagent.kubelet.containerconfig import ConfigError, EnvSources, build_container_config
+from nodeagent.kubelet.events import NORMAL, WARNING, EventSink, LogEventSink, container_field_path
+from nodeagent.kubelet.podactions import compute_pod_actions, termination_order
+from nodeagent.api.podspec import iter_containers
+from nodeagent.kubelet.podstatus import generate_pod_status
+from nodeagent.kubelet.volumes import VolumeManager
 from runtime.types import (
     ContainerStatus,
     ContainerState,

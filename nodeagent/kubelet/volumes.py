@@ -38,15 +38,15 @@ from typing import Iterable
 
 import structlog
 
-from nodeagent.containerconfig import (
+from nodeagent.kubelet.containerconfig import (
     ConfigError,
     EnvSources,
     NodeResources,
     pod_field_value,
     resource_field_value,
 )
-from nodeagent.podspec import DEFAULT_FILE_MODE, DEFAULT_NAMESPACE, container_limits, iter_containers
-from nodeagent.quantity import QuantityError, memory_bytes
+from nodeagent.api.podspec import DEFAULT_FILE_MODE, DEFAULT_NAMESPACE, container_limits, iter_containers
+from nodeagent.api.quantity import QuantityError, memory_bytes
 
 log = structlog.get_logger(__name__)
 

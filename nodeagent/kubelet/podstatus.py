@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Iterable, Mapping
 
-from nodeagent.podactions import (
+from nodeagent.kubelet.podactions import (
     cannot_run,
     exit_code,
     group_by_name,
@@ -32,7 +32,7 @@ from nodeagent.podactions import (
 from runtime.types import ContainerState, ContainerStatus, SandboxStatus
 
 try:  # the pod spec module owns QoS; fall back while it does not exist yet
-    from nodeagent.podspec import qos_class as _qos_class
+    from nodeagent.api.podspec import qos_class as _qos_class
 except ImportError:  # pragma: no cover - depends on the other module being present
     _qos_class = None
 
@@ -57,7 +57,7 @@ def rfc3339(ts: float) -> str:
 def _fallback_qos_class(pod: dict) -> str:
     """v1qos.GetPodQOS: sums cpu/memory requests and limits over all containers."""
     try:
-        from nodeagent.quantity import parse_quantity as parse
+        from nodeagent.api.quantity import parse_quantity as parse
     except ImportError:  # pragma: no cover - quantity module always ships with the agent
         def parse(value):  # type: ignore[misc]
             return float(str(value).rstrip("m") or 0)

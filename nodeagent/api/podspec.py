@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Iterator
 
-from nodeagent.quantity import QuantityError, parse_quantity
+from nodeagent.api.quantity import QuantityError, parse_quantity
 
 try:  # the runtime side owns Docker's reference grammar; reuse it when present
     from runtime.imageref import parse_image_ref as _parse_image_ref

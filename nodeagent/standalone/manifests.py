@@ -23,8 +23,8 @@ from typing import Callable
 import structlog
 import yaml
 
-from nodeagent.dirwatch import DirectoryWatch
-from nodeagent.podspec import FieldError, apply_defaults, static_pod_uid, validate_pod
+from nodeagent.standalone.dirwatch import DirectoryWatch
+from nodeagent.api.podspec import FieldError, apply_defaults, static_pod_uid, validate_pod
 
 log = structlog.get_logger(__name__)
 

@@ -22,8 +22,8 @@ from typing import Callable, Mapping, Protocol
 import psutil
 import structlog
 
-from nodeagent.hashing import container_hash
-from nodeagent.podspec import (
+from nodeagent.kubelet.hashing import container_hash
+from nodeagent.api.podspec import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_NAMESPACE,
     container_limits,
@@ -32,7 +32,7 @@ from nodeagent.podspec import (
     iter_containers,
     qos_class,
 )
-from nodeagent.quantity import QuantityError, parse_quantity
+from nodeagent.api.quantity import QuantityError, parse_quantity
 from runtime.types import ContainerConfig, Mount, Resources
 
 log = structlog.get_logger(__name__)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from nodeagent.backoff import Backoff
-from nodeagent.hashing import container_hash
+from nodeagent.kubelet.hashing import container_hash
 from runtime.types import ContainerState, ContainerStatus, SandboxState, SandboxStatus
 
 KIND_INIT = "init"

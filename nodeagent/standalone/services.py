@@ -14,7 +14,7 @@ from typing import Callable
 import structlog
 
 from netplugin.proxy import HostPortMapping, ServiceProxy, StandaloneServices
-from nodeagent.events import WARNING, EventSink
+from nodeagent.kubelet.events import WARNING, EventSink
 
 log = structlog.get_logger(__name__)
 

@@ -1,0 +1,1 @@
+"""The node's HTTP endpoints: the plain status server (``/healthz``, ``/pods``, ...)."""
