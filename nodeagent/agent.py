@@ -13,6 +13,7 @@ import structlog
 from netplugin.podnet import BridgeNetwork
 from nodeagent.backoff import Backoff
 from nodeagent.config import Settings
+from nodeagent.images import PullCredentials
 from nodeagent.kubelet.kubelet import Kubelet
 from nodeagent.standalone.manifests import ManifestSnapshot, ManifestSource
 from nodeagent.kubelet.pleg import PLEG
@@ -70,7 +71,8 @@ class Agent:
             call_timeout=settings.runtime_call_timeout,
         )
         self.images = DockerImageService(
-            self.runtime, pull_timeout=settings.image_pull_timeout
+            self.runtime, pull_timeout=settings.image_pull_timeout,
+            max_parallel_pulls=settings.max_parallel_image_pulls,
         )
         # Cluster mode (--kubeconfig): the API pod source, status manager, Node and
         # Lease, admission and mirror pods (nodeagent/cluster/). None when standalone.
@@ -101,6 +103,9 @@ class Agent:
             on_forget=self._on_forget,
             events=self.cluster.events if self.cluster else None,
             env_sources=self.cluster.env_sources if self.cluster else None,
+            pull_credentials=PullCredentials(
+                settings.image_credential_file,
+                secrets=self.cluster.env_sources if self.cluster else None),
         )
         self.workers = PodWorkers(self.cluster.syncer if self.cluster else self.kubelet)
         self.pleg = PLEG(

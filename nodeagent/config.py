@@ -34,6 +34,11 @@ class Settings:
     backoff_cap: float = 300.0
     runtime_call_timeout: float = 30.0
     image_pull_timeout: float = 300.0
+    # Registry credentials for every pull (a Docker config.json: {"auths": {...}});
+    # the only credentials a standalone node has (no Secrets without an API server).
+    image_credential_file: str | None = None
+    # kubelet's maxParallelImagePulls; 1 is its default (serializeImagePulls), 0 no limit.
+    max_parallel_image_pulls: int = 1
     relist_period: float = 10.0
     manifest_poll_period: float = 1.0
     max_pods: int = 110
@@ -155,6 +160,16 @@ def validate(s: Settings) -> None:
             raise ConfigError(f"{name.replace('_', '-')}: must be positive, got {getattr(s, name)}")
     if s.kube_api_qps < 0 or s.node_registration_wait < 0:
         raise ConfigError("kube-api-qps and node-registration-wait must not be negative")
+    if s.max_parallel_image_pulls < 0:
+        raise ConfigError(f"max-parallel-image-pulls: must be 0 (no limit) or more, "
+                          f"got {s.max_parallel_image_pulls}")
+    if s.image_credential_file:
+        from nodeagent.images.credentials import CredentialError, load_credential_file
+
+        try:
+            load_credential_file(s.image_credential_file)
+        except CredentialError as exc:
+            raise ConfigError(f"image-credential-file: {exc}") from None
     if s.max_pods < 1:
         raise ConfigError(f"max-pods: must be at least 1, got {s.max_pods}")
     try:

@@ -2,7 +2,10 @@
 
 Pulls run under their own deadline (``pull_timeout``, not the runtime's call
 timeout), may carry registry credentials, and concurrent requests for the same
-reference share one pull (110 pods on one image pull it once).
+reference share one pull (110 pods on one image pull it once). At most
+``max_parallel_pulls`` different images are pulled at once (kubelet's
+``maxParallelImagePulls``; 1 is its default ``serializeImagePulls``, 0 is no limit);
+progress is logged every few seconds while a pull runs.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import base64
 import json
 from collections.abc import Mapping
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -48,6 +52,20 @@ class RegistryAuth:
         return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
 
 
+@dataclass(frozen=True)
+class PullInfo:
+    """What kubelet's ``Pulled`` event reports about the last pull of an image."""
+
+    seconds: float  # the pull itself
+    seconds_with_wait: float  # including the wait for a parallel-pull slot
+    size_bytes: int
+
+
+PROGRESS_LOG_PERIOD = 5.0
+# kubelet reports at most this many images in Node status.images (nodeStatusMaxImages).
+NODE_STATUS_MAX_IMAGES = 50
+
+
 class DockerImageService:
     """ImageService sharing ``runtime``'s Docker client.
 
@@ -60,13 +78,30 @@ class DockerImageService:
         runtime: DockerRuntime,
         pull_timeout: float = 300.0,
         auths: Mapping[str, RegistryAuth] | None = None,
+        max_parallel_pulls: int = 0,
     ) -> None:
         if pull_timeout <= 0:
             raise ValueError(f"pull_timeout must be positive, got {pull_timeout!r}")
+        if max_parallel_pulls < 0:
+            raise ValueError(f"max_parallel_pulls must be >= 0, got {max_parallel_pulls!r}")
+        self._pull_slots = asyncio.Semaphore(max_parallel_pulls) if max_parallel_pulls else None
+        self.last_pull: dict[str, PullInfo] = {}
         self.runtime = runtime
         self.pull_timeout = pull_timeout
         self.auths = dict(auths or {})
         self._pulls: dict[tuple[str, RegistryAuth | None], asyncio.Task[str]] = {}
+
+    async def list_images(self) -> list[dict]:
+        """Node ``status.images``: names (digests, then tags) and size, largest first."""
+        images = await self.runtime.engine.call("list images", "GET", "images/json")
+        out = []
+        for img in images or []:
+            names = [n for n in (img.get("RepoDigests") or []) if "<none>" not in n]
+            names += [n for n in (img.get("RepoTags") or []) if "<none>" not in n]
+            if names:
+                out.append({"names": names, "sizeBytes": int(img.get("Size") or 0)})
+        out.sort(key=lambda i: i["sizeBytes"], reverse=True)
+        return out[:NODE_STATUS_MAX_IMAGES]
 
     async def image_present(self, image: str) -> str | None:
         ref = parse_image_ref(image)
@@ -114,6 +149,14 @@ class DockerImageService:
             task.exception()  # retrieved: every waiter may have left already
 
     async def _pull(self, ref: ImageRef, image: str, auth: RegistryAuth | None) -> str:
+        waited_from = time.monotonic()
+        if self._pull_slots is None:
+            return await self._pull_now(ref, image, auth, waited_from)
+        async with self._pull_slots:
+            return await self._pull_now(ref, image, auth, waited_from)
+
+    async def _pull_now(self, ref: ImageRef, image: str, auth: RegistryAuth | None,
+                        waited_from: float) -> str:
         normalized = ref.normalized()
         registry = normalized.registry or ""
         params = {"fromImage": normalized.name, "tag": normalized.digest or normalized.tag or "latest"}
@@ -122,8 +165,9 @@ class DockerImageService:
         if credentials is not None:
             headers["X-Registry-Auth"] = credentials.header(registry)
         what = f"pull image {image!r}"
-        started = asyncio.get_running_loop().time()
+        started = time.monotonic()
         log.info("pulling image", image=image, reference=ref.pull_reference())
+        progress = _Progress(image)
         try:
             async with asyncio.timeout(self.pull_timeout):
                 response = await self.runtime.engine.open_stream(
@@ -135,6 +179,7 @@ class DockerImageService:
                         error = stream_error(message)
                         if error:
                             raise ImagePullError(f"Failed to pull image {image!r}: {error}")
+                        progress.update(message)
                 finally:
                     response.close()
         except TimeoutError:
@@ -149,12 +194,44 @@ class DockerImageService:
             raise ImagePullError(f"Failed to pull image {image!r}: {exc}") from None
         except EngineError as exc:  # the engine or the registry said no
             raise ImagePullError(f"Failed to pull image {image!r}: {exc}") from None
-        image_id = await self._inspect_id(ref.pull_reference(), image)
-        if image_id is None:
-            raise ImagePullError(f"Failed to pull image {image!r}: not present after the pull")
-        log.info("image pulled", image=image, image_id=image_id,
-                 seconds=round(asyncio.get_running_loop().time() - started, 3))
+        try:
+            info = await self.runtime.engine.call(
+                f"inspect image {image!r}", "GET", f"images/{ref.pull_reference()}/json")
+        except NotFound:
+            raise ImagePullError(f"Failed to pull image {image!r}: not present after the pull") from None
+        image_id = str(info["Id"])
+        done = time.monotonic()
+        if len(self.last_pull) >= 256:  # read (popped) by the kubelet; bound it anyway
+            self.last_pull.pop(next(iter(self.last_pull)))
+        self.last_pull[image] = PullInfo(seconds=done - started, seconds_with_wait=done - waited_from,
+                                         size_bytes=int(info.get("Size") or 0))
+        log.info("image pulled", image=image, image_id=image_id, seconds=round(done - started, 3),
+                 size_bytes=self.last_pull[image].size_bytes)
         return image_id
 
 
-__all__ = ["DockerImageService", "RegistryAuth"]
+class _Progress:
+    """Bytes downloaded of a pull, from Docker's per-layer progress messages, logged at
+    most every PROGRESS_LOG_PERIOD seconds."""
+
+    def __init__(self, image: str) -> None:
+        self.image = image
+        self.layers: dict[str, tuple[int, int]] = {}
+        self.next_log = time.monotonic() + PROGRESS_LOG_PERIOD
+
+    def update(self, message: dict) -> None:
+        detail = message.get("progressDetail")
+        layer = message.get("id")
+        if isinstance(detail, dict) and isinstance(layer, str) and message.get("status") == "Downloading":
+            current, total = detail.get("current"), detail.get("total")
+            if isinstance(current, int) and isinstance(total, int):
+                self.layers[layer] = (current, total)
+        now = time.monotonic()
+        if now >= self.next_log and self.layers:
+            self.next_log = now + PROGRESS_LOG_PERIOD
+            log.info("pulling image: progress", image=self.image, layers=len(self.layers),
+                     downloaded_bytes=sum(c for c, _ in self.layers.values()),
+                     total_bytes=sum(t for _, t in self.layers.values()))
+
+
+__all__ = ["DockerImageService", "PullInfo", "RegistryAuth"]

@@ -358,6 +358,11 @@ def _validate_spec(v: _Collector, spec: dict) -> None:
     v.string("spec.priorityClassName", spec.get("priorityClassName"))
     v.string("spec.schedulerName", spec.get("schedulerName"))
     v.integer("spec.priority", spec.get("priority"))
+    for i, ref in enumerate(v.sequence("spec.imagePullSecrets", spec.get("imagePullSecrets")) or []):
+        name = ref.get("name") if isinstance(ref, dict) else None
+        if not isinstance(ref, dict) or not is_dns1123_subdomain(name):
+            v.add(f"spec.imagePullSecrets[{i}].name",
+                  f"invalid value {_show(name if isinstance(ref, dict) else ref)}: must be a Secret name")
     selector = v.mapping("spec.nodeSelector", spec.get("nodeSelector"))
     for key, val in (selector or {}).items():
         if not is_qualified_name(key) or not is_label_value(val):

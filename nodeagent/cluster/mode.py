@@ -103,6 +103,7 @@ class ClusterMode:
             lease_renew_period=settings.lease_renew_period,
             lease_duration_seconds=settings.lease_duration_seconds,
             on_condition_change=self._on_node_condition,
+            images=agent.images.list_images,
         )
         self.status = StatusManager(self.client, resolve=self._resolve_status_target)
         self.mirrors = MirrorManager(

@@ -185,6 +185,7 @@ class NodeManager:
         lease_duration_seconds: int = 40,
         on_condition_change: Callable[[dict], None] | None = None,
         clock: Callable[[], float] = time.time,
+        images: Callable[[], Awaitable[list[dict]]] | None = None,
     ) -> None:
         self.client = client
         self.name = node_name
@@ -209,6 +210,8 @@ class NodeManager:
         self.lease_duration_seconds = lease_duration_seconds
         self._clock = clock
         self._on_condition_change = on_condition_change
+        self._images = images
+        self._last_images: list[dict] = []
         self.node: dict | None = None  # the API's Node, as last seen
         self.registered = asyncio.Event()
         self._register_needed = asyncio.Event()
@@ -305,7 +308,7 @@ class NodeManager:
             conditions.append(cond)
         self._conditions = {c["type"]: c for c in conditions}
         capacity, allocatable = self._capacity
-        return {
+        status = {
             "conditions": conditions,
             "addresses": [{"type": "InternalIP", "address": self.host_ip},
                           {"type": "Hostname", "address": self.name}],
@@ -315,6 +318,18 @@ class NodeManager:
             "nodeInfo": dict(self._node_info_static,
                              containerRuntimeVersion=await self._runtime_version_now()),
         }
+        if self._images is not None:
+            status["images"] = await self._images_now()
+        return status
+
+    async def _images_now(self) -> list[dict]:
+        """status.images (largest first, at most 50 as kubelet); the last list while the
+        runtime does not answer."""
+        try:
+            self._last_images = await self._images()
+        except Exception as exc:  # the runtime may be down; keep the last answer
+            log.debug("image list unavailable", error=str(exc))
+        return self._last_images
 
     # --- registration ------------------------------------------------------------------
 

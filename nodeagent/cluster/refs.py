@@ -100,8 +100,8 @@ def _namespace(pod: dict) -> str:
 
 
 def pod_references(pod: dict) -> set[ObjectRef]:
-    """Every ConfigMap and Secret the pod's env, envFrom and volumes (including projected
-    sources) name, optional or not, in all container lists."""
+    """Every ConfigMap and Secret the pod's env, envFrom, volumes (including projected
+    sources) and imagePullSecrets name, optional or not, in all container lists."""
     ns = _namespace(pod)
     spec = pod.get("spec") or {}
     refs: set[ObjectRef] = set()
@@ -119,6 +119,8 @@ def pod_references(pod: dict) -> set[ObjectRef]:
                 value_from = var.get("valueFrom") or {}
                 add(CONFIG_MAP, value_from.get("configMapKeyRef"))
                 add(SECRET, value_from.get("secretKeyRef"))
+    for pull_secret in spec.get("imagePullSecrets") or []:
+        add(SECRET, pull_secret)
     for volume in spec.get("volumes") or []:
         add(CONFIG_MAP, volume.get("configMap"))
         add(SECRET, volume.get("secret"), "secretName")

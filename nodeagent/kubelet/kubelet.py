@@ -24,6 +24,7 @@ from nodeagent.kubelet.podactions import compute_pod_actions, termination_order
 from nodeagent.api.podspec import iter_containers
 from nodeagent.kubelet.podstatus import generate_pod_status
 from nodeagent.kubelet.volumes import VolumeManager
+from nodeagent.images import PullCredentials, pull_with_credentials
 from runtime.types import (
     ContainerStatus,
     ContainerState,
@@ -107,6 +108,7 @@ class Kubelet:
         events: EventSink | None = None,
         env_sources: EnvSources | None = None,
         on_forget: Callable[[str], None] | None = None,
+        pull_credentials: PullCredentials | None = None,
     ) -> None:
         self.node_name = node_name
         self.runtime = runtime
@@ -123,6 +125,8 @@ class Kubelet:
         self._on_forget = on_forget
         # configMap/secret lookups for env; None in standalone mode.
         self.env_sources = env_sources
+        # imagePullSecrets and the node's credential file.
+        self.pull_credentials = pull_credentials or PullCredentials(secrets=env_sources)
         # Image pull failures per (pod uid, container): reason shown until the retry.
         self._pull_failures: dict[tuple[str, str], tuple[str, str]] = {}
         self._start_times: dict[str, float] = {}
@@ -305,12 +309,16 @@ class Kubelet:
         try:
             policy = PullPolicy(container.get("imagePullPolicy", "IfNotPresent"))
             if policy == PullPolicy.ALWAYS or await self.images.image_present(image) is None:
+                keyring, problems = self.pull_credentials.for_pod(pod)
+                for problem in problems:
+                    self.events.event(pod, WARNING, "FailedToRetrieveImagePullSecret",
+                                      f"Unable to retrieve some image pull secrets ({problem}); "
+                                      "attempting to pull the image may not succeed.")
                 self.events.event(pod, NORMAL, "Pulling", f'Pulling image "{image}"', field_path=path)
                 started = time.monotonic()
-                await self.images.ensure_image(image, policy)
-                self.events.event(pod, NORMAL, "Pulled",
-                                  f'Successfully pulled image "{image}" in {time.monotonic() - started:.3f}s',
-                                  field_path=path)
+                await pull_with_credentials(self.images, image, policy, keyring)
+                self.events.event(pod, NORMAL, "Pulled", _pulled_message(
+                    image, time.monotonic() - started, self.images, image), field_path=path)
             self._pull_failures.pop((uid, start.name), None)
         except ImageError as exc:
             log.warning("image not available", pod=_fmt(pod), container=start.name,
@@ -477,3 +485,13 @@ def _fmt(pod: dict | None) -> str:
         return "?"
     meta = pod["metadata"]
     return f"{meta.get('namespace', 'default')}/{meta['name']}"
+
+
+def _pulled_message(image: str, elapsed: float, images: object, key: str) -> str:
+    """kubelet's Pulled message: the pull time, the time including the wait for a
+    parallel-pull slot, and the image size."""
+    info = getattr(images, "last_pull", {}).pop(key, None)
+    if info is None:
+        return f'Successfully pulled image "{image}" in {elapsed:.3f}s'
+    return (f'Successfully pulled image "{image}" in {info.seconds:.3f}s '
+            f'({elapsed:.3f}s including waiting). Image size: {info.size_bytes} bytes.')

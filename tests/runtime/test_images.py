@@ -250,3 +250,62 @@ async def test_pull_has_its_own_deadline(runtime):
         for writer in writers:
             writer.close()
         await server.wait_closed()
+
+
+async def test_parallel_pull_limit_serializes_different_images(runtime):
+    """max_parallel_pulls=1 (kubelet's serializeImagePulls): a second image's pull does
+    not reach its registry until the first pull has finished."""
+    connected: dict[int, float] = {}
+    writers: list[asyncio.StreamWriter] = []
+
+    def silent_on(port_box: list[int]):
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connected.setdefault(port_box[0], time.monotonic())
+            writers.append(writer)
+            await reader.read()
+        return silent
+
+    boxes: list[list[int]] = [[0], [0]]
+    servers = [await asyncio.start_server(silent_on(box), "127.0.0.1", 0) for box in boxes]
+    for box, server in zip(boxes, servers):
+        box[0] = server.sockets[0].getsockname()[1]
+    try:
+        images = DockerImageService(runtime, pull_timeout=2.0, max_parallel_pulls=1)
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(images.ensure_image(f"127.0.0.1:{box[0]}/silent/app:{i}", PullPolicy.IF_NOT_PRESENT)
+              for i, box in enumerate(boxes)),
+            return_exceptions=True)
+        assert all(isinstance(r, ImagePullError) for r in results), results
+        first, second = sorted(connected.values())
+        assert first - started < 1.9
+        # The second registry was reached only after the first pull gave up (2 s).
+        assert second - started >= 1.9, (first - started, second - started)
+    finally:
+        for server in servers:
+            server.close()
+        for writer in writers:
+            writer.close()
+        for server in servers:
+            await server.wait_closed()
+
+
+async def test_pull_reports_size_and_node_image_list(runtime, images, local_registry):
+    repo = f"{local_registry}/info/busybox"
+    await _push(runtime, BUSYBOX, repo, "info", None, local_registry)
+    try:
+        await runtime.engine.call("untag", "DELETE", f"images/{repo}:info", params={"noprune": "1"})
+        await images.ensure_image(f"{repo}:info", PullPolicy.ALWAYS)
+        info = images.last_pull[f"{repo}:info"]
+        busybox = await runtime.engine.call("inspect", "GET", f"images/{BUSYBOX}/json")
+        assert info.size_bytes == busybox["Size"] > 0
+        assert 0 < info.seconds <= info.seconds_with_wait
+        listed = await images.list_images()
+        entry = next(i for i in listed if f"{repo}:info" in i["names"])
+        assert entry["sizeBytes"] == busybox["Size"]
+        assert any(n.startswith(f"{repo}@sha256:") for n in entry["names"])  # digests first
+        assert entry["names"].index(f"{repo}:info") > 0
+        sizes = [i["sizeBytes"] for i in listed]
+        assert sizes == sorted(sizes, reverse=True) and len(listed) <= 50
+    finally:
+        await _untag_everything_for(runtime, repo)
