@@ -326,7 +326,10 @@ class Kubelet:
             self.events.event(pod, WARNING, "Failed", str(exc), field_path=path)
             self._pull_failures[(uid, start.name)] = (exc.reason, str(exc))
             self.pull_backoff.record_failure(pull_key, _now())
-            return exc.reason, str(exc), self.pull_backoff.in_backoff(pull_key, _now())
+            remaining = self.pull_backoff.in_backoff(pull_key, _now())
+            # Sync again soon: the status then says ImagePullBackOff (with its event) for
+            # the rest of the wait, as kubelet's does after ErrImagePull.
+            return exc.reason, str(exc), None if remaining is None else min(remaining, 1.0)
         try:
             config = build_container_config(
                 pod, container, kind=start.kind, attempt=start.attempt,
