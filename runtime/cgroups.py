@@ -150,3 +150,16 @@ def _read_v2(group: Path) -> CgroupStats:
 
 
 __all__ = ["CgroupStats", "read_container_stats", "is_cgroup_v2"]
+
+
+def read_container_pids(
+    container_id: str, *, root: Path = CGROUP_ROOT, cgroup_parent: str | None = None,
+    pid: int | None = None,
+) -> int:
+    """Number of tasks in a container's cgroup (``pids.current``); NotFound when gone."""
+    try:
+        group = (_find_dir(root, None, container_id, cgroup_parent, pid) if is_cgroup_v2(root)
+                 else _find_dir(root, "pids", container_id, cgroup_parent, pid))
+        return _read_int(group / "pids.current")
+    except FileNotFoundError as exc:
+        raise NotFound(f"cgroup of container {container_id[:12]} vanished: {exc}") from None

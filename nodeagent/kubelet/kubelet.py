@@ -67,6 +67,13 @@ class PodRecord:
     # (reason, message) when the node refuses to run the pod: an invalid manifest,
     # or an admission failure such as OutOfcpu. The pod then goes to phase Failed.
     rejected: tuple[str, str] | None = None
+    # The eviction message once node-pressure eviction picked this pod: its containers
+    # are stopped and it ends in phase Failed, reason Evicted.
+    evicted: str | None = None
+
+
+# kubelet stops evicted pods with a 1 s grace period under hard thresholds.
+EVICTION_GRACE_SECONDS = 1
 
 
 def _now() -> float:
@@ -146,6 +153,15 @@ class Kubelet:
         else:
             record.pod, record.rejected = pod, rejected
 
+    def evict(self, uid: str, message: str) -> bool:
+        """Mark a pod evicted (node pressure); its worker's next sync carries it out."""
+        record = self.pods.get(uid)
+        if record is None or record.evicted is not None:
+            return False
+        record.evicted = message
+        self.events.event(record.pod, WARNING, "Evicted", message)
+        return True
+
     def forget(self, uid: str) -> None:
         if self.pods.pop(uid, None) is not None and self._on_forget is not None:
             self._on_forget(uid)
@@ -160,6 +176,9 @@ class Kubelet:
         record = self.pods.get(uid)
         if record is not None and record.rejected:
             self._set_status(uid, self._rejected_status(pod, *record.rejected))
+            return None
+        if record is not None and record.evicted is not None:
+            await self._sync_evicted(pod, record.evicted)
             return None
 
         sandboxes = await self.runtime.list_pod_sandboxes(uid)
@@ -222,6 +241,38 @@ class Kubelet:
             sandboxes = await self.runtime.list_pod_sandboxes(uid)
         await self._publish(pod, sandboxes, containers, waiting)
         return requeue
+
+    async def _sync_evicted(self, pod: dict, message: str) -> None:
+        """kubelet's hard eviction: stop everything with a grace period of
+        EVICTION_GRACE_SECONDS (whatever the pod asks), release the network, keep the
+        dead containers (logs, exit codes) until the pod is deleted; phase Failed,
+        reason Evicted, and a DisruptionTarget condition."""
+        uid = pod["metadata"]["uid"]
+        sandboxes = await self.runtime.list_pod_sandboxes(uid)
+        containers = await self.runtime.list_containers(uid)
+        if any(c.state in (ContainerState.RUNNING, ContainerState.CREATED) for c in containers) or \
+                any(s.state == SandboxState.READY for s in sandboxes):
+            doomed = dict(pod, metadata=dict(pod["metadata"],
+                                             deletionGracePeriodSeconds=EVICTION_GRACE_SECONDS))
+            await self._kill_pod(doomed, sandboxes, containers, release_network=True)
+            sandboxes = await self.runtime.list_pod_sandboxes(uid)
+            containers = await self.runtime.list_containers(uid)
+        await self._publish(pod, sandboxes, containers, {})
+        record = self.pods.get(uid)
+        if record is None:
+            return
+        status = copy.deepcopy(record.status)
+        status.update(phase="Failed", reason="Evicted", message=message)
+        conditions = [c for c in status.get("conditions") or [] if c.get("type") != "DisruptionTarget"]
+        previous = next((c for c in (record.status.get("conditions") or [])
+                         if c.get("type") == "DisruptionTarget"), None)
+        conditions.append(previous or {
+            "type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet",
+            "message": message, "lastProbeTime": None,
+            "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+        status["conditions"] = conditions
+        self._set_status(uid, status)
 
     async def _create_sandbox(self, pod: dict, attempt: int) -> SandboxStatus:
         spec = pod["spec"]
