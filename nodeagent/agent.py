@@ -13,7 +13,11 @@ import structlog
 from netplugin.podnet import BridgeNetwork
 from nodeagent.backoff import Backoff
 from nodeagent.config import Settings
+from nodeagent.eviction import EvictionManager, parse_thresholds
+from nodeagent.eviction.signals import observe as observe_signals
+from nodeagent.eviction.usage import RuntimePodUsage
 from nodeagent.images import PullCredentials
+from nodeagent.images.gc import DockerImageRuntime, ImageGC
 from nodeagent.kubelet.kubelet import Kubelet
 from nodeagent.standalone.manifests import ManifestSnapshot, ManifestSource
 from nodeagent.kubelet.pleg import PLEG
@@ -125,12 +129,27 @@ class Agent:
             else None
         )
         self.proxy, self.service_feed = self._make_proxy(settings, root)
+        # Docker's data root (images, writable layers): the image filesystem.
+        self._image_dir: str | None = None
+        self.image_gc = ImageGC(
+            DockerImageRuntime(self.runtime.engine), image_dir=lambda: self._image_dir,
+            pinned=lambda: {settings.pod_infra_image}, needed=self._needed_images,
+            high=settings.image_gc_high_threshold, low=settings.image_gc_low_threshold,
+            min_age=settings.image_minimum_gc_age, period=settings.image_gc_period)
+        self.eviction = EvictionManager(
+            parse_thresholds(settings.eviction_hard),
+            observe=lambda: observe_signals(settings.root_dir, self._image_dir),
+            pods=self.pod_list, usage=RuntimePodUsage(self.runtime, root),
+            evict=self._evict, reclaim=self._reclaim, node_event=self._node_event,
+            period=settings.eviction_monitoring_interval,
+            transition_period=settings.eviction_pressure_transition_period)
         self.server = StatusServer(
             *settings.status_host_port,
             pods=self.pod_list,
             proxy=self.proxy.describe if self.proxy else None,
             checks={"ping": lambda: (True, "ok"), "pleg": self.pleg.healthy,
                     "network": self._network_health},
+            info=lambda: self.eviction.describe(),
         )
         self._file_pods: set[str] = set()
         self._sandbox_image_id: str | None = None
@@ -220,6 +239,36 @@ class Agent:
             except Exception as exc:  # housekeeping must never stop the node
                 log.warning("housekeeping failed", error=str(exc))
 
+    # --- eviction and image GC -----------------------------------------------------
+
+    def _needed_images(self) -> set[str]:
+        return {c.get("image", "") for record in self.kubelet.pods.values()
+                for key in ("initContainers", "containers")
+                for c in (record.pod.get("spec") or {}).get(key) or [] if isinstance(c, dict)}
+
+    def _evict(self, pod: dict, message: str) -> None:
+        uid = pod["metadata"]["uid"]
+        if self.kubelet.evict(uid, message):
+            self.workers.kick(uid)
+
+    async def _reclaim(self) -> None:
+        """Disk pressure: node-level resources go before any pod (unused images)."""
+        freed = await self.image_gc.delete_unused()
+        log.info("reclaimed image space", bytes=freed)
+
+    def _node_event(self, type_: str, reason: str, message: str) -> None:
+        if self.cluster is not None:
+            self.cluster.events.node_event(type_, reason, message)
+        else:
+            log.warning("node event", type=type_, reason=reason, message=message)
+
+    async def _learn_image_dir(self) -> None:
+        try:
+            info = await self.runtime.engine.call("engine info", "GET", "info")
+            self._image_dir = info.get("DockerRootDir") or None
+        except Exception as exc:  # image GC and imagefs signals wait for the next start
+            log.warning("Docker's data root unknown; imagefs taken as nodefs", error=str(exc))
+
     # --- runtime helpers -------------------------------------------------------------
 
     async def _sandbox_image(self) -> str:
@@ -278,7 +327,10 @@ class Agent:
                     )
                     self.kubelet.network = self.network
             await self._start_network()
+            await self._learn_image_dir()
             async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.eviction.run(), name="eviction")
+                tg.create_task(self.image_gc.run(), name="image-gc")
                 tg.create_task(self.workers.run(), name="pod-workers")
                 tg.create_task(self.pleg.run(), name="pleg")
                 tg.create_task(self._housekeeping(), name="housekeeping")

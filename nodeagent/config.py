@@ -39,6 +39,16 @@ class Settings:
     image_credential_file: str | None = None
     # kubelet's maxParallelImagePulls; 1 is its default (serializeImagePulls), 0 no limit.
     max_parallel_image_pulls: int = 1
+    # Image garbage collection (kubelet's imageGCHighThresholdPercent/Low, imageMinimumGCAge).
+    image_gc_high_threshold: int = 85
+    image_gc_low_threshold: int = 80
+    image_minimum_gc_age: float = 120.0
+    image_gc_period: float = 300.0
+    # Node-pressure eviction (kubelet's evictionHard, evictionPressureTransitionPeriod).
+    eviction_hard: str = ("memory.available<100Mi,nodefs.available<10%,nodefs.inodesFree<5%,"
+                          "imagefs.available<15%,imagefs.inodesFree<5%,pid.available<10%")
+    eviction_pressure_transition_period: float = 300.0
+    eviction_monitoring_interval: float = 10.0
     relist_period: float = 10.0
     manifest_poll_period: float = 1.0
     max_pods: int = 110
@@ -160,6 +170,21 @@ def validate(s: Settings) -> None:
             raise ConfigError(f"{name.replace('_', '-')}: must be positive, got {getattr(s, name)}")
     if s.kube_api_qps < 0 or s.node_registration_wait < 0:
         raise ConfigError("kube-api-qps and node-registration-wait must not be negative")
+    if not 0 <= s.image_gc_low_threshold <= s.image_gc_high_threshold <= 100:
+        raise ConfigError("image-gc-low-threshold and image-gc-high-threshold: need "
+                          f"0 <= low ({s.image_gc_low_threshold}) <= high ({s.image_gc_high_threshold}) <= 100")
+    for name in ("image_minimum_gc_age", "eviction_pressure_transition_period"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"{name.replace('_', '-')}: must not be negative, got {getattr(s, name)}")
+    for name in ("image_gc_period", "eviction_monitoring_interval"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"{name.replace('_', '-')}: must be positive, got {getattr(s, name)}")
+    from nodeagent.eviction.thresholds import parse_thresholds
+
+    try:
+        parse_thresholds(s.eviction_hard)
+    except ValueError as exc:
+        raise ConfigError(f"eviction-hard: {exc}") from None
     if s.max_parallel_image_pulls < 0:
         raise ConfigError(f"max-parallel-image-pulls: must be 0 (no limit) or more, "
                           f"got {s.max_parallel_image_pulls}")

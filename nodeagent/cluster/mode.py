@@ -30,6 +30,8 @@ from nodeagent.cluster.refs import ClusterEnvSources
 from nodeagent.cluster.statusmanager import TERMINAL_PHASES, StatusManager
 from nodeagent.config import parse_node_labels
 from nodeagent.kubelet.events import NORMAL, WARNING
+from nodeagent.eviction import parse_thresholds
+from nodeagent.eviction.admission import admit_under_pressure
 from nodeagent.kube import KubeClient, load_kubeconfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -104,6 +106,8 @@ class ClusterMode:
             lease_duration_seconds=settings.lease_duration_seconds,
             on_condition_change=self._on_node_condition,
             images=agent.images.list_images,
+            pressure=lambda: agent.eviction.conditions(),
+            eviction_thresholds=parse_thresholds(settings.eviction_hard),
         )
         self.status = StatusManager(self.client, resolve=self._resolve_status_target)
         self.mirrors = MirrorManager(
@@ -273,7 +277,8 @@ class ClusterMode:
             if uid != meta["uid"] and record.rejected is None
             and (record.status or {}).get("phase") not in TERMINAL_PHASES
         ]
-        decision = admit(pod, self.node.view(), admitted)
+        decision = admit_under_pressure(pod, self.agent.eviction.under_pressure()) \
+            or admit(pod, self.node.view(), admitted)
         if decision is not None:
             reason, message = decision
             log.warning("pod rejected at admission", pod=f"{meta.get('namespace')}/{meta['name']}",

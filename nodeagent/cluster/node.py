@@ -11,10 +11,9 @@ node status manager and node lease controller).
   is renewed every ``lease_renew_period`` (10 s); a conflict re-reads it and retries.
 
 Conditions are honest: Ready follows the container runtime (PLEG) and the pod network;
-MemoryPressure is memory.available < 100Mi; DiskPressure is nodefs.available < 10% or
-nodefs.inodesFree < 5% of the filesystem holding the agent's root directory; PIDPressure
-is fewer than 10% of pid_max left (kubelet has no default PID threshold; this one is
-the agent's own choice).
+MemoryPressure, DiskPressure and PIDPressure are the eviction manager's
+(``nodeagent/eviction``: its thresholds and transition period). Allocatable is capacity
+minus the hard eviction thresholds for memory and nodefs, as kubelet computes it.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ import structlog
 
 from nodeagent import __version__ as AGENT_VERSION
 from nodeagent.cluster.admission import NodeView, to_amounts
+from nodeagent.eviction.thresholds import Threshold
 from nodeagent.kube import ApiConnectionError, ApiError, Informer, KubeClient
 from nodeagent.kube import resources as R
 
@@ -43,10 +43,6 @@ log = structlog.get_logger(__name__)
 # with the agent's own version as semver build metadata (like k3s' v1.32.0+k3s1).
 KUBELET_VERSION = f"v1.32.0+nodeagent.{AGENT_VERSION}"
 LEASE_NAMESPACE = "kube-node-lease"
-MEMORY_EVICTION_BYTES = 100 * 1024 * 1024  # memory.available < 100Mi
-NODEFS_MIN_AVAILABLE = 0.10
-NODEFS_MIN_INODES = 0.05
-PID_MIN_AVAILABLE = 0.10
 # After creating the Node, how long to wait for the control plane's IPAM to fill in
 # spec.podCIDR before the network starts with the configured range.
 POD_CIDR_WAIT = 2.0
@@ -98,60 +94,10 @@ def architecture() -> str:
     return _ARCH.get(machine, machine.lower())
 
 
-@dataclass(frozen=True)
-class Signals:
-    memory_available: int
-    nodefs_available: int
-    nodefs_capacity: int
-    inodes_free: int
-    inodes: int
-    pids_available: int
-    pid_max: int
-
-
-def read_signals(root_dir: str) -> Signals:
-    """The eviction signals kubelet watches (blocking: call in a thread)."""
-    mem = psutil.virtual_memory()
-    try:
-        st = os.statvfs(root_dir)
-        fs_avail, fs_cap = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-        inodes_free, inodes = st.f_favail, st.f_files
-    except OSError:
-        fs_avail = fs_cap = inodes_free = inodes = 0
-    try:
-        pid_max = int(_read("/proc/sys/kernel/pid_max", "32768"))
-    except ValueError:
-        pid_max = 32768
-    try:
-        procs = sum(1 for name in os.listdir("/proc") if name.isdigit())
-    except OSError:
-        procs = 0
-    return Signals(mem.available, fs_avail, fs_cap, inodes_free, inodes, pid_max - procs, pid_max)
-
-
 def _condition(kind: str, true: bool, reasons: tuple[str, str, str, str]) -> dict:
     """reasons = (reason if true, message if true, reason if false, message if false)."""
     reason, message = (reasons[0], reasons[1]) if true else (reasons[2], reasons[3])
     return {"type": kind, "status": "True" if true else "False", "reason": reason, "message": message}
-
-
-def pressure_conditions(s: Signals) -> list[dict]:
-    memory = s.memory_available < MEMORY_EVICTION_BYTES
-    disk = bool(
-        (s.nodefs_capacity and s.nodefs_available < NODEFS_MIN_AVAILABLE * s.nodefs_capacity)
-        or (s.inodes and s.inodes_free < NODEFS_MIN_INODES * s.inodes))
-    pids = s.pids_available < PID_MIN_AVAILABLE * s.pid_max
-    return [
-        _condition("MemoryPressure", memory, (
-            "KubeletHasInsufficientMemory", "kubelet has insufficient memory available",
-            "KubeletHasSufficientMemory", "kubelet has sufficient memory available")),
-        _condition("DiskPressure", disk, (
-            "KubeletHasDiskPressure", "kubelet has disk pressure",
-            "KubeletHasNoDiskPressure", "kubelet has no disk pressure")),
-        _condition("PIDPressure", pids, (
-            "KubeletHasInsufficientPID", "kubelet has insufficient PID available",
-            "KubeletHasSufficientPID", "kubelet has sufficient PID available")),
-    ]
 
 
 def ready_condition(ok: bool, why: str) -> dict:
@@ -186,6 +132,8 @@ class NodeManager:
         on_condition_change: Callable[[dict], None] | None = None,
         clock: Callable[[], float] = time.time,
         images: Callable[[], Awaitable[list[dict]]] | None = None,
+        pressure: Callable[[], list[dict]] | None = None,
+        eviction_thresholds: list[Threshold] | None = None,
     ) -> None:
         self.client = client
         self.name = node_name
@@ -211,6 +159,8 @@ class NodeManager:
         self._clock = clock
         self._on_condition_change = on_condition_change
         self._images = images
+        self._pressure = pressure or (lambda: [])
+        self._eviction_thresholds = eviction_thresholds or []
         self._last_images: list[dict] = []
         self.node: dict | None = None  # the API's Node, as last seen
         self.registered = asyncio.Event()
@@ -254,10 +204,13 @@ class NodeManager:
             "pods": str(self.max_pods),
         }
         # allocatable = capacity - reserved (none) - the hard eviction thresholds.
+        hard = {t.signal: t for t in self._eviction_thresholds}
+        memory_reserved = hard["memory.available"].value(memory) if "memory.available" in hard else 0
+        storage_reserved = hard["nodefs.available"].value(storage) if "nodefs.available" in hard else 0
         allocatable = {
             "cpu": str(cpus),
-            "ephemeral-storage": str(int(storage * (1 - NODEFS_MIN_AVAILABLE))),
-            "memory": f"{max(memory - MEMORY_EVICTION_BYTES, 0) // 1024}Ki",
+            "ephemeral-storage": str(max(int(storage - storage_reserved), 0)),
+            "memory": f"{max(int(memory - memory_reserved), 0) // 1024}Ki",
             "pods": str(self.max_pods),
         }
         return capacity, allocatable
@@ -292,9 +245,8 @@ class NodeManager:
 
     async def compute_status(self) -> dict:
         now = self._clock()
-        signals = await asyncio.to_thread(read_signals, self.root_dir)
         ok, why = self._ready()
-        fresh = pressure_conditions(signals) + [ready_condition(ok, why)]
+        fresh = [dict(c) for c in self._pressure()] + [ready_condition(ok, why)]
         conditions = []
         for cond in fresh:
             old = self._conditions.get(cond["type"])

@@ -23,11 +23,14 @@ class StatusServer:
         pods: Callable[[], list[dict]],
         checks: dict[str, HealthCheck],
         proxy: Callable[[], str] | None = None,
+        info: Callable[[], list[str]] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self._pods = pods
         self._checks = checks
+        # Informational lines for ?verbose (node pressure conditions): never a failure.
+        self._info = info
         self._runner: web.AppRunner | None = None
         self.app = web.Application()
         self.app.router.add_get("/healthz", self._healthz)
@@ -61,6 +64,8 @@ class StatusServer:
             healthy &= ok
             lines.append(f"[+]{name} ok" if ok else f"[-]{name} failed: {detail}")
         verbose = "verbose" in request.query
+        if self._info is not None:
+            lines += [f"[i]{line}" for line in self._info()]
         if healthy:
             body = "\n".join(lines + ["healthz check passed"]) if verbose else "ok"
             return web.Response(text=body)
