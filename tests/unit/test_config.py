@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from nodeagent.cli import main
@@ -51,3 +53,21 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert "nodeagent 0.1.0" in capsys.readouterr().out
     assert main(["run", "--manifest-dir", str(tmp_path), "--pod-cidr", "banana"]) == 2
     assert "pod-cidr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, needle", [
+    ({"eviction_hard": "memory.free<1Gi"}, "eviction-hard: 'memory.free<1Gi': unknown signal"),
+    ({"image_gc_high_threshold": 70, "image_gc_low_threshold": 80}, "image-gc-low-threshold"),
+    ({"max_parallel_image_pulls": -1}, "max-parallel-image-pulls"),
+    ({"eviction_monitoring_interval": 0}, "eviction-monitoring-interval"),
+])
+def test_image_and_eviction_settings_are_checked(flags, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        build_settings(None, {"manifest_dir": "/tmp", **flags})
+
+
+def test_credential_file_is_checked_at_start(tmp_path):
+    bad = tmp_path / "creds.json"
+    bad.write_text('{"auths": {"r.example.com": {"auth": "%%%"}}}')
+    with pytest.raises(ConfigError, match="image-credential-file: .*base64"):
+        build_settings(None, {"manifest_dir": "/tmp", "image_credential_file": str(bad)})
