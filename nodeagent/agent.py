@@ -17,6 +17,7 @@ from nodeagent.eviction import EvictionManager, parse_thresholds
 from nodeagent.eviction.signals import observe as observe_signals
 from nodeagent.eviction.usage import RuntimePodUsage
 from nodeagent.images import PullCredentials
+from nodeagent.kubelet.servicelinks import ServiceEnv
 from nodeagent.images.gc import DockerImageRuntime, ImageGC
 from nodeagent.kubelet.kubelet import Kubelet
 from nodeagent.standalone.manifests import ManifestSnapshot, ManifestSource
@@ -107,6 +108,7 @@ class Agent:
             on_forget=self._on_forget,
             events=self.cluster.events if self.cluster else None,
             env_sources=self.cluster.env_sources if self.cluster else None,
+            service_env=ServiceEnv(self._service_list),
             pull_credentials=PullCredentials(
                 settings.image_credential_file,
                 secrets=self.cluster.env_sources if self.cluster else None),
@@ -239,6 +241,11 @@ class Agent:
             except Exception as exc:  # housekeeping must never stop the node
                 log.warning("housekeeping failed", error=str(exc))
 
+    def _service_list(self) -> list[dict] | None:
+        if self.cluster is not None:
+            return self.cluster.service_list()
+        return self.service_feed.services() if self.service_feed is not None else []
+
     # --- eviction and image GC -----------------------------------------------------
 
     def _needed_images(self) -> set[str]:
@@ -345,7 +352,8 @@ class Agent:
 
                         feed = ClusterServiceFeed(self.cluster.client, self.proxy,
                                                   node_name=self.settings.node_name,
-                                                  events=self.cluster.events)
+                                                  events=self.cluster.events,
+                                                  services=self.cluster.services)
                         tg.create_task(feed.run(), name="cluster-service-feed")
                 if self.service_feed is not None:
                     tg.create_task(self.service_feed.run(), name="service-feed")

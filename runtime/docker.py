@@ -220,12 +220,16 @@ class DockerRuntime:
             L.POD_ANNOTATIONS: json.dumps(config.annotations, sort_keys=True),
             L.SHARE_PID: "true" if config.share_process_namespace else "false",
             L.HOST_NETWORK: "true" if config.host_network else "false",
+            L.HOST_PID: "true" if config.host_pid else "false",
+            L.HOST_IPC: "true" if config.host_ipc else "false",
         }
         host_config: dict[str, Any] = {
             "NetworkMode": "host" if config.host_network else "none",
-            "IpcMode": "shareable",
+            "IpcMode": "host" if config.host_ipc else "shareable",
             "RestartPolicy": {"Name": "no"},
         }
+        if config.host_pid:
+            host_config["PidMode"] = "host"
         if self.allow_negative_oom_score_adj:
             host_config["OomScoreAdj"] = _SANDBOX_OOM_SCORE_ADJ
         if config.dns_servers:
@@ -341,7 +345,11 @@ class DockerRuntime:
             "Binds": [self._bind(m.host_path, m.container_path, m.read_only, what)
                       for m in config.mounts],
         }
-        if sandbox_labels.get(L.SHARE_PID) == "true":
+        if sandbox_labels.get(L.HOST_IPC) == "true":
+            host_config["IpcMode"] = "host"  # dockershim: the host's, not the sandbox's
+        if sandbox_labels.get(L.HOST_PID) == "true":
+            host_config["PidMode"] = "host"
+        elif sandbox_labels.get(L.SHARE_PID) == "true":
             host_config["PidMode"] = join
         if sandbox_labels.get(L.CGROUP_PARENT):
             host_config["CgroupParent"] = sandbox_labels[L.CGROUP_PARENT]

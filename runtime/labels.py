@@ -22,6 +22,8 @@ POD_LABELS = "io.nodeagent.pod.labels"  # JSON object (sandboxes only)
 POD_ANNOTATIONS = "io.nodeagent.pod.annotations"  # JSON object (sandboxes only)
 SHARE_PID = "io.nodeagent.share-pid"  # "true" | "false" (sandboxes only)
 HOST_NETWORK = "io.nodeagent.host-network"  # "true" | "false" (sandboxes only)
+HOST_PID = "io.nodeagent.host-pid"  # "true" | "false" (sandboxes only)
+HOST_IPC = "io.nodeagent.host-ipc"  # "true" | "false" (sandboxes only)
 # The pod's cgroup parent, applied to the sandbox and to every container created in it.
 CGROUP_PARENT = "io.nodeagent.cgroup-parent"  # (sandboxes only; absent = Docker's default)
 
@@ -48,6 +50,8 @@ RESERVED = frozenset(
         POD_ANNOTATIONS,
         SHARE_PID,
         HOST_NETWORK,
+        HOST_PID,
+        HOST_IPC,
         CGROUP_PARENT,
     }
 )

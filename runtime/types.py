@@ -101,6 +101,10 @@ class SandboxConfig:
     hostname: str
     host_network: bool = False
     share_process_namespace: bool = False
+    # The host's PID / IPC namespaces (hostPID, hostIPC) for the sandbox and every
+    # container of the pod.
+    host_pid: bool = False
+    host_ipc: bool = False
     # Kubernetes labels/annotations of the pod, copied onto the sandbox so a relist
     # can rebuild what the pod looked like without the API.
     labels: dict[str, str] = field(default_factory=dict)

@@ -366,6 +366,10 @@ class StandaloneServices:
 
     # ------------------------------------------------------------------ feed
 
+    def fed_services(self) -> list[dict]:
+        """The Services last handed to the proxy (cluster IPs and NodePorts assigned)."""
+        return [copy.deepcopy(s) for s in self._fed_services.values()]
+
     def sync(self, proxy: ProxyInput, manifests: list[dict], pods: list[dict]) -> list[ServiceError]:
         """Compute and hand the differences to ``proxy``; returns the errors (for events)."""
         result = self.compute(manifests, pods)

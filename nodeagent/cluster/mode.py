@@ -32,7 +32,8 @@ from nodeagent.config import parse_node_labels
 from nodeagent.kubelet.events import NORMAL, WARNING
 from nodeagent.eviction import parse_thresholds
 from nodeagent.eviction.admission import admit_under_pressure
-from nodeagent.kube import KubeClient, load_kubeconfig
+from nodeagent.kube import Informer, KubeClient, load_kubeconfig
+from nodeagent.kube import resources as R
 
 if TYPE_CHECKING:  # pragma: no cover
     from nodeagent.agent import Agent
@@ -113,6 +114,9 @@ class ClusterMode:
         self.mirrors = MirrorManager(
             self.client, node_name=settings.node_name, node_uid=lambda: self.node.uid,
             api_synced=lambda: self.source.synced, on_mirror_ready=self.status.kick)
+        # Every Service, for the service environment variables of containers
+        # (KUBERNETES_SERVICE_HOST ...) and for the proxy (one watch for both).
+        self.services = Informer(self.client, R.SERVICES, name="services")
         self.source = ApiPodSource(
             self.client, settings.node_name,
             on_pod=self._on_api_pod, on_pod_removed=self._on_api_pod_removed,
@@ -198,6 +202,7 @@ class ClusterMode:
                 tg.create_task(self.source.run(), name="cluster-pod-source")
                 tg.create_task(self.status.run(), name="cluster-status-manager")
                 tg.create_task(self.mirrors.run(), name="cluster-mirror-pods")
+                tg.create_task(self.services.run(), name="cluster-services")
         finally:
             await self.env_sources.close()
             await self.client.close()
@@ -314,3 +319,7 @@ class ClusterMode:
         if static is not None:
             return self.mirrors.mirror_uid(static)
         return None
+
+    def service_list(self) -> list[dict] | None:
+        """Every Service, or None until the first list arrived."""
+        return self.services.list() if self.services.synced.is_set() else None

@@ -15,7 +15,7 @@ import structlog
 from netplugin.proxy import PodRoutes, ServiceProxy
 from nodeagent.kube import KubeClient
 from nodeagent.kube.resources import ENDPOINTSLICES, NODES, SERVICES
-from nodeagent.kube.watch import Reflector
+from nodeagent.kube.watch import Informer, Reflector
 
 log = structlog.get_logger(__name__)
 
@@ -23,7 +23,7 @@ log = structlog.get_logger(__name__)
 class ClusterServiceFeed:
     def __init__(self, client: KubeClient, proxy: ServiceProxy, *, node_name: str,
                  routes: PodRoutes | None = None, route_sync_period: float = 30.0,
-                 events=None) -> None:
+                 events=None, services: Informer | None = None) -> None:
         self._client = client
         self._proxy = proxy
         self._routes = routes if routes is not None else PodRoutes(node_name=node_name)
@@ -33,6 +33,8 @@ class ClusterServiceFeed:
         # An ApiEventRecorder (or None): invalid Services get a Warning event too.
         self._events = events
         self._services: dict[str, dict] = {}
+        # A Services informer shared with the rest of cluster mode; else our own watch.
+        self._services_informer = services
 
     def _on_service(self, event: str, svc: dict, _old: dict | None) -> None:
         meta = svc.get("metadata") or {}
@@ -66,10 +68,15 @@ class ClusterServiceFeed:
         self._reported = set(errors)
 
     async def run(self) -> None:
+        watches = [(ENDPOINTSLICES, self._on_slice), (NODES, self._on_node)]
+        if self._services_informer is not None:
+            self._services_informer.add_handler(self._on_service)
+            for svc in self._services_informer.list():  # what it read before we joined
+                self._on_service("ADDED", svc, None)
+        else:
+            watches.insert(0, (SERVICES, self._on_service))
         async with asyncio.TaskGroup() as tg:
-            for resource, handler in ((SERVICES, self._on_service),
-                                      (ENDPOINTSLICES, self._on_slice),
-                                      (NODES, self._on_node)):
+            for resource, handler in watches:
                 tg.create_task(Reflector(self._client, resource, handler).run(),
                                name=f"proxy-watch-{resource.plural}")
             tg.create_task(self._sync_routes(), name="pod-routes")

@@ -250,9 +250,12 @@ def make_environment(
     node_name: str,
     env_sources: EnvSources | None = None,
     node: NodeResources | None = None,
+    service_env: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The container's environment, in kubelet's order: ``envFrom`` sources first, then
-    ``env`` entries (which win), literal values expanded against what came before."""
+    ``env`` entries (which win), literal values expanded against what came before and
+    the Service variables (``servicelinks``), which fill in whatever is left unset."""
+    services = dict(service_env or {})
     namespace, pod_name = _pod_ident(pod)
     cname = container.get("name", "?")
     env: dict[str, str] = {}
@@ -281,7 +284,7 @@ def make_environment(
         name = var["name"]
         value_from = var.get("valueFrom")
         if value_from is None:
-            env[name] = expand(var.get("value") or "", env)
+            env[name] = expand(var.get("value") or "", {**services, **env} if services else env)
             continue
         where = f"container {cname!r} env {name!r}"
         if value_from.get("fieldRef") is not None:
@@ -312,7 +315,7 @@ def make_environment(
                 label = "ConfigMap" if kind == "configMap" else "Secret"
                 raise ConfigError(f"{where}: couldn't find key {key!r} in {label} {namespace}/{ref_name}")
             env[name] = _text(data[key])
-    return env
+    return {**services, **env} if services else env
 
 
 # --- command, resources, mounts --------------------------------------------------------
@@ -486,6 +489,7 @@ def build_container_config(
     volume_paths: Mapping[str, str | os.PathLike],
     env_sources: EnvSources | None = None,
     node: NodeResources | None = None,
+    service_env: Mapping[str, str] | None = None,
 ) -> ContainerConfig:
     """Everything the runtime needs to create ``container`` of ``pod``.
 
@@ -496,7 +500,8 @@ def build_container_config(
     cname = container.get("name", "?")
     spec = pod.get("spec") or {}
     env = make_environment(
-        pod, container, pod_ip=pod_ip, host_ip=host_ip, node_name=node_name, env_sources=env_sources, node=node
+        pod, container, pod_ip=pod_ip, host_ip=host_ip, node_name=node_name, env_sources=env_sources, node=node,
+        service_env=service_env,
     )
     entrypoint, cmd = command_and_args(container, env)
     mounts = container_mounts(pod, container, volume_paths, env)

@@ -9,6 +9,7 @@ calls rebuild it from Docker's labels, so ``kill -9`` of the agent loses nothing
 from __future__ import annotations
 
 import asyncio
+import calendar
 import copy
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from nodeagent.kubelet.events import NORMAL, WARNING, EventSink, LogEventSink, c
 from nodeagent.kubelet.podactions import compute_pod_actions, termination_order
 from nodeagent.api.podspec import iter_containers
 from nodeagent.kubelet.podstatus import generate_pod_status
+from nodeagent.kubelet.servicelinks import ServiceEnv
 from nodeagent.kubelet.volumes import VolumeManager
 from nodeagent.images import PullCredentials, pull_with_credentials
 from runtime.types import (
@@ -67,13 +69,27 @@ class PodRecord:
     # (reason, message) when the node refuses to run the pod: an invalid manifest,
     # or an admission failure such as OutOfcpu. The pod then goes to phase Failed.
     rejected: tuple[str, str] | None = None
-    # The eviction message once node-pressure eviction picked this pod: its containers
-    # are stopped and it ends in phase Failed, reason Evicted.
-    evicted: str | None = None
+    # (reason, message) once the node ended the pod for good: node-pressure eviction
+    # ("Evicted") or activeDeadlineSeconds ("DeadlineExceeded"). Its containers are
+    # stopped and it ends in phase Failed with that reason.
+    ended: tuple[str, str] | None = None
 
 
 # kubelet stops evicted pods with a 1 s grace period under hard thresholds.
 EVICTION_GRACE_SECONDS = 1
+DEADLINE_MESSAGE = "Pod was active on the node longer than the specified deadline"
+
+
+def _known_start(pod: dict, sandboxes: list[SandboxStatus]) -> float | None:
+    """When this node started the pod, if known from before (an agent restart): the
+    API's status.startTime, else the oldest sandbox's creation."""
+    started = (pod.get("status") or {}).get("startTime")
+    if isinstance(started, str):
+        try:
+            return calendar.timegm(time.strptime(started, "%Y-%m-%dT%H:%M:%SZ"))
+        except ValueError:
+            pass
+    return min((s.created_at for s in sandboxes), default=None)
 
 
 def _now() -> float:
@@ -116,6 +132,7 @@ class Kubelet:
         env_sources: EnvSources | None = None,
         on_forget: Callable[[str], None] | None = None,
         pull_credentials: PullCredentials | None = None,
+        service_env: ServiceEnv | None = None,
     ) -> None:
         self.node_name = node_name
         self.runtime = runtime
@@ -134,6 +151,8 @@ class Kubelet:
         self.env_sources = env_sources
         # imagePullSecrets and the node's credential file.
         self.pull_credentials = pull_credentials or PullCredentials(secrets=env_sources)
+        # Service environment variables (none when the node knows no Services).
+        self.service_env = service_env or ServiceEnv(lambda: [])
         # Image pull failures per (pod uid, container): reason shown until the retry.
         self._pull_failures: dict[tuple[str, str], tuple[str, str]] = {}
         self._start_times: dict[str, float] = {}
@@ -156,9 +175,9 @@ class Kubelet:
     def evict(self, uid: str, message: str) -> bool:
         """Mark a pod evicted (node pressure); its worker's next sync carries it out."""
         record = self.pods.get(uid)
-        if record is None or record.evicted is not None:
+        if record is None or record.ended is not None:
             return False
-        record.evicted = message
+        record.ended = ("Evicted", message)
         self.events.event(record.pod, WARNING, "Evicted", message)
         return True
 
@@ -177,8 +196,13 @@ class Kubelet:
         if record is not None and record.rejected:
             self._set_status(uid, self._rejected_status(pod, *record.rejected))
             return None
-        if record is not None and record.evicted is not None:
-            await self._sync_evicted(pod, record.evicted)
+        if record is not None and record.ended is None:
+            deadline_in = self._active_deadline_in(pod)
+            if deadline_in is not None and deadline_in <= 0:
+                record.ended = ("DeadlineExceeded", DEADLINE_MESSAGE)
+                self.events.event(pod, NORMAL, "DeadlineExceeded", DEADLINE_MESSAGE)
+        if record is not None and record.ended is not None:
+            await self._sync_ended(pod, *record.ended)
             return None
 
         sandboxes = await self.runtime.list_pod_sandboxes(uid)
@@ -193,7 +217,8 @@ class Kubelet:
             if reason == "CrashLoopBackOff":
                 self.events.event(pod, WARNING, "BackOff", f"Back-off restarting failed container {name}")
         requeue = actions.requeue_after
-        self._start_times.setdefault(uid, now)
+        if uid not in self._start_times:
+            self._start_times[uid] = _known_start(pod, sandboxes) or now
 
         if actions.kill_pod:
             await self._kill_pod(pod, sandboxes, containers, release_network=False)
@@ -240,20 +265,35 @@ class Kubelet:
             containers = await self.runtime.list_containers(uid)
             sandboxes = await self.runtime.list_pod_sandboxes(uid)
         await self._publish(pod, sandboxes, containers, waiting)
+        deadline_in = self._active_deadline_in(pod)
+        if deadline_in is not None:
+            requeue = max(deadline_in, 0.05) if requeue is None else min(requeue, max(deadline_in, 0.05))
         return requeue
 
-    async def _sync_evicted(self, pod: dict, message: str) -> None:
-        """kubelet's hard eviction: stop everything with a grace period of
-        EVICTION_GRACE_SECONDS (whatever the pod asks), release the network, keep the
-        dead containers (logs, exit codes) until the pod is deleted; phase Failed,
-        reason Evicted, and a DisruptionTarget condition."""
+    def _active_deadline_in(self, pod: dict) -> float | None:
+        """Seconds until spec.activeDeadlineSeconds runs out, counted from the pod's
+        start on this node (kubelet's startTime); None without a deadline."""
+        deadline = (pod.get("spec") or {}).get("activeDeadlineSeconds")
+        start = self._start_times.get(pod["metadata"]["uid"])
+        if not isinstance(deadline, int) or start is None:
+            return None
+        return start + deadline - _now()
+
+    async def _sync_ended(self, pod: dict, reason: str, message: str) -> None:
+        """The node ended the pod for good: stop everything (an evicted pod within
+        EVICTION_GRACE_SECONDS, kubelet's hard-eviction grace; a pod past its deadline
+        within its own grace period), release the network, keep the dead containers
+        (logs, exit codes) until the pod is deleted; phase Failed with ``reason``, and
+        for an eviction a DisruptionTarget condition."""
         uid = pod["metadata"]["uid"]
         sandboxes = await self.runtime.list_pod_sandboxes(uid)
         containers = await self.runtime.list_containers(uid)
         if any(c.state in (ContainerState.RUNNING, ContainerState.CREATED) for c in containers) or \
                 any(s.state == SandboxState.READY for s in sandboxes):
-            doomed = dict(pod, metadata=dict(pod["metadata"],
-                                             deletionGracePeriodSeconds=EVICTION_GRACE_SECONDS))
+            doomed = pod
+            if reason == "Evicted":
+                doomed = dict(pod, metadata=dict(pod["metadata"],
+                                                 deletionGracePeriodSeconds=EVICTION_GRACE_SECONDS))
             await self._kill_pod(doomed, sandboxes, containers, release_network=True)
             sandboxes = await self.runtime.list_pod_sandboxes(uid)
             containers = await self.runtime.list_containers(uid)
@@ -262,7 +302,10 @@ class Kubelet:
         if record is None:
             return
         status = copy.deepcopy(record.status)
-        status.update(phase="Failed", reason="Evicted", message=message)
+        status.update(phase="Failed", reason=reason, message=message)
+        if reason != "Evicted":
+            self._set_status(uid, status)
+            return
         conditions = [c for c in status.get("conditions") or [] if c.get("type") != "DisruptionTarget"]
         previous = next((c for c in (record.status.get("conditions") or [])
                          if c.get("type") == "DisruptionTarget"), None)
@@ -283,6 +326,8 @@ class Kubelet:
             hostname=spec.get("hostname") or meta["name"][:63],
             host_network=bool(spec.get("hostNetwork")),
             share_process_namespace=bool(spec.get("shareProcessNamespace")),
+            host_pid=bool(spec.get("hostPID")),
+            host_ipc=bool(spec.get("hostIPC")),
             labels=dict(meta.get("labels") or {}),
             annotations=dict(meta.get("annotations") or {}),
         )
@@ -386,6 +431,7 @@ class Kubelet:
                 pod, container, kind=start.kind, attempt=start.attempt,
                 pod_ip=pod_ip, host_ip=self.host_ip, node_name=self.node_name,
                 volume_paths=volume_paths, env_sources=self.env_sources,
+                service_env=self.service_env.for_pod(pod),
             )
         except ConfigError as exc:
             self.events.event(pod, WARNING, "Failed", f"Error: {exc}", field_path=path)

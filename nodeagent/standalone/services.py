@@ -51,6 +51,7 @@ class StandaloneServiceFeed:
         self._pods = pods
         self._events = events
         self._manifests: list[dict] = []
+        self._computed_manifests: list[dict] | None = None
         self._dirty = asyncio.Event()
         self._reported: set[str] = set()
 
@@ -61,6 +62,13 @@ class StandaloneServiceFeed:
     def pods_changed(self) -> None:
         self._dirty.set()
 
+    def services(self) -> list[dict]:
+        """The Services as the proxy has them (cluster IPs assigned), for containers'
+        service environment variables; computed now if the manifests changed since."""
+        if self._computed_manifests is not self._manifests:
+            self.recompute()
+        return self._services.fed_services()
+
     async def run(self) -> None:
         while True:
             await self._dirty.wait()
@@ -69,6 +77,7 @@ class StandaloneServiceFeed:
             await asyncio.sleep(0.05)  # coalesce bursts of pod updates
 
     def recompute(self) -> None:
+        self._computed_manifests = self._manifests
         pods = self._pods()
         errors = self._services.sync(self._proxy, self._manifests, pods)
         self._proxy.set_host_ports(host_port_mappings(pods))

@@ -5,6 +5,8 @@ images in status.images. Every object the agent wrote is schema-checked."""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from tests.cluster.test_cluster_support import (SLEEP_FOREVER, api_pod, busybox,  # noqa: F401
@@ -35,6 +37,11 @@ async def test_image_pull_secrets_and_node_images(cp_recording, rkubectl, cluste
             running = await agent.wait_api_running_ready("private", 90)
             (cs,) = running["status"]["containerStatuses"]
             assert cs["imageID"].startswith(f"docker-pullable://{registry.host}/private/busybox@sha256:")
+            # In-cluster clients find the API through the master Service's variables.
+            env = subprocess.run(["docker", "exec", cs["containerID"].removeprefix("docker://"), "env"],
+                                 capture_output=True, text=True, timeout=30).stdout.splitlines()
+            assert "KUBERNETES_SERVICE_HOST=10.96.0.1" in env and "KUBERNETES_SERVICE_PORT=443" in env
+            assert "KUBERNETES_PORT=tcp://10.96.0.1:443" in env
 
             def events(pod: str) -> list[dict]:
                 return [e for e in cp.objects("events", "default")

@@ -116,6 +116,19 @@ class ControlPlane:
     def recorded_writes(self) -> list[RecordedWrite]:
         return self.api.recorded
 
+    def _ensure_master_service(self) -> None:
+        """The API server's own Service, `default/kubernetes` on the first address of
+        the service range (port 443, as kube-apiserver creates it); in-cluster clients
+        find the API through it (KUBERNETES_SERVICE_HOST)."""
+        services = resources.find("", "v1", "services")
+        if self.store.get("/services", "default", "kubernetes") is not None:
+            return
+        first = str(ipaddress.ip_network(self.options.service_cidr).network_address + 1)
+        self.api.create(services, "default", {  # type: ignore[arg-type]
+            "metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
+            "spec": {"type": "ClusterIP", "clusterIP": first, "sessionAffinity": "None",
+                     "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]}})
+
     async def start(self) -> "ControlPlane":
         self._write_pki()
         self.store.listeners.append(self._controller_queue.put_nowait)
@@ -124,6 +137,7 @@ class ControlPlane:
                 self.api.create(resources.find("", "v1", "namespaces"), None,  # type: ignore[arg-type]
                                 {"metadata": {"name": ns}})
                 self.api._populate_namespace(ns)
+        self._ensure_master_service()
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)

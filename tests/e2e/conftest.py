@@ -70,6 +70,10 @@ class AgentProcess:
             "manifest-poll-period": 0.3,
             "runtime-call-timeout": 20.0,
             "proxy-table": f"na{token}",
+            # Node-pressure eviction (kubelet's defaults) would refuse and evict pods on
+            # a CI machine whose disk is fuller than 85-90 %: tests that are not about
+            # eviction must not depend on the machine's free space.
+            "eviction-hard": "memory.available<1Mi,nodefs.available<1%,imagefs.available<1%",
         }
         config.update(extra_config or {})
         self.config_path = workdir / "config.yaml"
