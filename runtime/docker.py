@@ -375,7 +375,7 @@ class DockerRuntime:
             "Labels": container_labels,
             "Tty": bool(config.tty),
             "OpenStdin": bool(config.stdin),
-            "StdinOnce": False,
+            "StdinOnce": bool(config.stdin and config.stdin_once),
             "HostConfig": host_config,
         }
         # An empty list means "not set" in Kubernetes; for Docker it would clear the

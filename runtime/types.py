@@ -134,6 +134,8 @@ class ContainerConfig:
     termination_grace_period: int = 30
     tty: bool = False
     stdin: bool = False
+    # Close stdin when the first attached client leaves (the spec's stdinOnce).
+    stdin_once: bool = False
     privileged: bool = False
     run_as_user: int | None = None
     run_as_group: int | None = None

@@ -253,6 +253,10 @@ def validate_pod(pod: object) -> list[FieldError]:
     spec = v.mapping("spec", pod.get("spec"), required=True)
     if spec is not None:
         _validate_spec(v, spec)
+        from nodeagent.api.support import unsupported
+
+        for field, message in unsupported(pod):
+            v.add(field, message)
     return v.errors
 
 

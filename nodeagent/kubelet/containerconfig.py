@@ -532,6 +532,7 @@ def build_container_config(
         termination_grace_period=int(grace) if grace is not None else DEFAULT_GRACE_PERIOD,
         tty=bool(container.get("tty")),
         stdin=bool(container.get("stdin")),
+        stdin_once=bool(container.get("stdinOnce")),
         privileged=bool(sc.get("privileged")),
         run_as_user=run_as_user,
         run_as_group=run_as_group,

@@ -713,3 +713,34 @@ def test_iter_containers_order_and_kinds():
         ("init", "i1"), ("sidecar", "s1"), ("init", "i2"), ("app", "a1"), ("app", "a2")]
     assert list(iter_containers({"spec": {"containers": "x"}})) == []
     assert list(iter_containers({})) == []
+
+
+@pytest.mark.parametrize("spec, field", [
+    ({"ephemeralContainers": [{"name": "debug", "image": "busybox:1.35"}]}, "spec.ephemeralContainers"),
+    ({"runtimeClassName": "gvisor"}, "spec.runtimeClassName"),
+    ({"overhead": {"cpu": "250m"}}, "spec.overhead"),
+    ({"resourceClaims": [{"name": "gpu"}]}, "spec.resourceClaims"),
+    ({"resources": {"limits": {"cpu": "1"}}}, "spec.resources"),
+    ({"hostUsers": False}, "spec.hostUsers"),
+    ({"os": {"name": "windows"}}, "spec.os.name"),
+])
+def test_fields_the_node_cannot_carry_out_refuse_the_pod(spec, field):
+    from nodeagent.api.podspec import validate_pod
+
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+           "spec": {"containers": [{"name": "c", "image": "busybox:1.35"}], **spec}}
+    errors = validate_pod(pod)
+    assert [e.field for e in errors] == [field], errors
+    assert "not supported" in str(errors[0]) or "Linux" in str(errors[0])
+
+
+def test_container_fields_the_node_cannot_carry_out():
+    from nodeagent.api.podspec import validate_pod
+
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+           "spec": {"containers": [{"name": "c", "image": "busybox:1.35",
+                                    "volumeDevices": [{"name": "d", "devicePath": "/dev/xvda"}],
+                                    "resources": {"claims": [{"name": "gpu"}]}}],
+                    "os": {"name": "linux"}, "hostUsers": True}}
+    assert sorted(e.field for e in validate_pod(pod)) == [
+        "spec.containers[0].resources.claims", "spec.containers[0].volumeDevices"]
