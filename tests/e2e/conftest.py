@@ -209,7 +209,10 @@ class AgentProcess:
         ids = docker(*args).split()
         if not ids:
             return []
-        return json.loads(docker("inspect", *ids))
+        # A container may go between the list and the inspect (the agent is removing
+        # it): inspect prints the ones that still exist and fails for the rest.
+        out = subprocess.run(["docker", "inspect", *ids], capture_output=True, text=True, timeout=60)
+        return json.loads(out.stdout or "[]")
 
     def container_of(self, pod_name: str, container: str) -> dict:
         full = f"{pod_name}-{self.node_name}"
