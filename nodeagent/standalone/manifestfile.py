@@ -10,11 +10,13 @@ holds:
 * at most ``MAX_FILE_BYTES`` are read (the API server refuses requests over 3 MiB and
   etcd objects over 1.5 MiB; a Pod manifest is a few KiB);
 * YAML goes through PyYAML's safe loader (libyaml's parser, PyYAML's Python composer)
-  with three budgets enforced while the node graph is composed, before any Python object exists: nesting depth, the
-  number of nodes that aliases expand to ("billion laughs"), and documents per file;
-  an alias to a node that contains it (a cycle) is refused;
+  with budgets enforced while the node graph is composed, before any Python object
+  exists: nesting depth; the number of values (``MAX_NODES``: it bounds memory and CPU,
+  which the byte size alone does not: 1 MiB of ``0,`` is half a million objects, some
+  250 MB); the nodes that aliases expand to ("billion laughs"); documents per file. An
+  alias to a node that contains it (a cycle) is refused;
 * JSON is decoded by the standard library (its C decoder bounds recursion itself) and
-  then held to the same depth limit by ``nodeagent.api.shape``.
+  then held to the same value budget here and depth limit by ``nodeagent.api.shape``.
 
 Every failure is a ``ManifestReadError`` whose message a user can act on; any other
 exception from the parsers is converted at this boundary too.
@@ -36,9 +38,13 @@ from yaml.events import AliasEvent
 MAX_FILE_BYTES = 1024 * 1024
 MAX_DOCUMENTS = 100
 MAX_DEPTH = 32
-# Nodes that aliases may add on expansion, per file. A real manifest uses a handful
-# of anchors (a shared env list); a billion-laughs document asks for 10^9.
-MAX_ALIAS_EXPANSION = 50_000
+# Nodes (scalars, lists, mappings) one file may describe, aliases counted as what they
+# expand to. A Pod manifest has a few hundred; 1 MiB of "0," would be half a million,
+# about 250 MB of Python objects and half a minute of CPU on a busy 2-core machine.
+MAX_NODES = 50_000
+# Of those, the nodes aliases may add. A real manifest uses a handful of anchors (a
+# shared env list); a billion-laughs document asks for 10^9.
+MAX_ALIAS_EXPANSION = 20_000
 
 _FILE_KINDS = (
     (stat.S_ISDIR, "a directory"),
@@ -136,10 +142,13 @@ class _BoundedComposer(Composer):
                                         "that contains it", event.start_mark)
                 self._count += size
                 self._alias_nodes += size
-                if self._alias_nodes > MAX_ALIAS_EXPANSION:
+                if self._alias_nodes > MAX_ALIAS_EXPANSION or self._count > MAX_NODES:
                     raise ComposerError(None, None, f"aliases expand to more than {MAX_ALIAS_EXPANSION} "
                                         "nodes (an alias bomb?)", event.start_mark)
             return super().compose_node(parent, index)
+        if self._count >= MAX_NODES:
+            raise ComposerError(None, None, f"more than {MAX_NODES} values in one file",
+                                self.peek_event().start_mark)
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
@@ -174,11 +183,31 @@ else:  # pragma: no cover - PyYAML without libyaml
             self._init_bounds()
 
 
+def _too_many_values(doc: object) -> bool:
+    """The YAML node budget, for JSON (decoded already: JSON has no aliases, so its
+    memory is bounded by the file size; this keeps what follows bounded too)."""
+    count = 0
+    stack = [doc]
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            return True
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
+
+
 def load_documents(text: str, *, json_file: bool) -> list[object]:
     """The non-empty documents of a manifest, or ManifestReadError saying where and why."""
     if json_file:
         try:
-            return [json.loads(text)]
+            doc = json.loads(text)
+            if _too_many_values(doc):
+                raise ManifestReadError(f"more than {MAX_NODES} values in one file")
+            return [doc]
         except RecursionError:
             raise ManifestReadError(f"not valid JSON: nesting deeper than the parser allows "
                                     f"(the limit is {MAX_DEPTH} levels)") from None

@@ -101,6 +101,30 @@ def _is_image_error(err: FieldError) -> bool:
     return err.field.endswith(".image") and "Required value" not in err.message
 
 
+def _displayable(pod: dict) -> dict:
+    """What of an invalid pod is kept to show it (phase Failed, reason InvalidManifest):
+    its metadata (valid: identity errors are not shown at all) and, per container, a
+    name and image that are strings. Nothing else of an invalid spec may reach code
+    that reads fields by their type (status, termination, proxy, mirror pods)."""
+    spec = pod["spec"]
+    shown: dict = {"nodeName": spec.get("nodeName")}
+    for key in ("initContainers", "containers"):
+        items = spec.get(key)
+        containers = [
+            {"name": c["name"], "image": c["image"] if isinstance(c.get("image"), str) else ""}
+            for c in (items if isinstance(items, list) else [])
+            if isinstance(c, dict) and isinstance(c.get("name"), str)
+        ]
+        if containers or key == "containers":
+            shown[key] = containers
+    for key, ok in (("restartPolicy", lambda v: v in ("Always", "OnFailure", "Never")),
+                    ("terminationGracePeriodSeconds",
+                     lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 2**31)):
+        if ok(spec.get(key)):
+            shown[key] = spec[key]
+    return {**pod, "spec": shown}
+
+
 class ManifestSource:
     def __init__(
         self,
@@ -200,8 +224,8 @@ class ManifestSource:
             try:
                 try:
                     st = path.stat()
-                except FileNotFoundError:
-                    st = path.lstat()  # a dangling symlink: reported by its own stamp
+                except OSError:
+                    st = path.lstat()  # a dangling or looping symlink: reported by its own stamp
             except OSError:
                 continue  # gone since the listing
             stamp = (st.st_ino, st.st_size, st.st_mtime_ns, stat.S_IFMT(st.st_mode))
@@ -269,8 +293,7 @@ class ManifestSource:
                 continue
             shape = check_shape(doc)
             if shape:
-                for field_path, message in shape:
-                    self._error(state, ManifestError(where, field_path, message))
+                self._refuse_document(state, where, doc, shape, previous)
                 continue
             kind = doc.get("kind")
             if kind not in SUPPORTED_KINDS:
@@ -306,6 +329,22 @@ class ManifestSource:
             log.info("manifest loaded", file=shown, pods=len(state.pods), services=len(state.services))
         return state
 
+    def _refuse_document(self, state: _FileState, where: str, doc: dict, shape: list[tuple[str, str]],
+                         previous: dict) -> None:
+        """A document that is not plain JSON. An edit that breaks a running pod this
+        way keeps the previous version running, like any other invalid edit."""
+        meta = doc.get("metadata")
+        name = meta.get("name") if isinstance(meta, dict) else None
+        namespace = (meta.get("namespace") or "default") if isinstance(meta, dict) else None
+        kept = None
+        if doc.get("kind") == "Pod" and isinstance(name, str) and isinstance(namespace, str):
+            kept = previous.get((namespace, f"{name}-{self.node_name}"))
+        suffix = " (keeping the previous version running)" if kept is not None else ""
+        for field_path, message in shape:
+            self._error(state, ManifestError(where, field_path, message + suffix))
+        if kept is not None:
+            state.pods.append(kept)
+
     def _add_pod(self, state: _FileState, where: str, path: str, doc: dict, previous: dict) -> None:
         pod = apply_defaults(doc)
         problems = validate_pod(pod)
@@ -331,7 +370,7 @@ class ManifestSource:
             for e in blocking:
                 self._error(state, ManifestError(where, e.field, e.message))
             message = "; ".join(str(e) for e in blocking)
-            state.rejected[pod["metadata"]["uid"]] = (pod, f"invalid manifest {where}: {message}")
+            state.rejected[pod["metadata"]["uid"]] = (_displayable(pod), f"invalid manifest {where}: {message}")
             return
         state.pods.append(pod)
 
