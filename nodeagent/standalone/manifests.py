@@ -316,8 +316,12 @@ class ManifestSource:
                         self._error(state, ManifestError(where, e.field, e.message))
                     continue
                 svc = copy.deepcopy(doc)
-                svc.setdefault("metadata", {}).setdefault("namespace", "default")
-                svc["metadata"].setdefault("annotations", {})[MANIFEST_FILE_ANNOTATION] = str(path)
+                svc_meta = svc["metadata"]
+                if not svc_meta.get("namespace"):
+                    svc_meta["namespace"] = "default"
+                if svc_meta.get("annotations") is None:  # absent or null
+                    svc_meta["annotations"] = {}
+                svc_meta["annotations"][MANIFEST_FILE_ANNOTATION] = str(path)
                 state.services.append(svc)
                 continue
             try:
@@ -382,7 +386,9 @@ class ManifestSource:
         meta["name"] = f"{meta['name']}-{self.node_name}"
         meta["uid"] = uid
         meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        annotations = meta.setdefault("annotations", {})
+        if meta.get("annotations") is None:  # absent or null
+            meta["annotations"] = {}
+        annotations = meta["annotations"]
         annotations[CONFIG_SOURCE_ANNOTATION] = "file"
         annotations[CONFIG_HASH_ANNOTATION] = uid
         annotations[CONFIG_SEEN_ANNOTATION] = time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime())

@@ -266,3 +266,16 @@ def test_service_wrong_types_reported_and_good_service_kept(tmp_path):
     assert [s["metadata"]["name"] for s in snap.services] == ["web"]
     text = " | ".join(errors_for(snap, "bad-svc.yaml"))
     assert "spec.ports[0].port" in text and "spec.clusterIP" in text
+
+
+def test_null_annotations_are_fine_for_pods_and_services(tmp_path):
+    src = ManifestSource(tmp_path, NODE, lambda snap: None)
+    (tmp_path / "p.yaml").write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: p, annotations: null}\n"
+                                     "spec: {containers: [{name: c, image: busybox:1.35}]}\n")
+    (tmp_path / "s.yaml").write_text("apiVersion: v1\nkind: Service\nmetadata: {name: s, annotations: null}\n"
+                                     "spec: {ports: [{port: 80}]}\n")
+    snap = src.scan()
+    assert snap.errors == []
+    (p,) = snap.pods.values()
+    assert p["metadata"]["annotations"]["kubernetes.io/config.source"] == "file"
+    assert snap.services[0]["metadata"]["annotations"]["nodeagent.io/manifest-file"].endswith("s.yaml")
