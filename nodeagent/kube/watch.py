@@ -181,6 +181,8 @@ class Reflector:
                 if event.type == "BOOKMARK":
                     self.stats.bookmarks += 1
                 elif event.type in ("ADDED", "MODIFIED", "DELETED"):
+                    if not object_key(event.object)[1]:
+                        raise WatchEventUnreadable(f"{event.type} event for an object without a name")
                     await self._apply(event.type, event.object)
                 else:
                     self._log.warning("reflector.unknown_event", type=event.type)

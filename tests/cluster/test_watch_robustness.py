@@ -99,6 +99,7 @@ async def test_reflector_relists_after_unreadable_events_and_keeps_running(fake_
         [line("ADDED", {"metadata": ["x"]})],
         [line("ADDED", "a string")],
         [line("ERROR", {"kind": "Status", "code": "not a number", "message": 7})],
+        [line("ADDED", {"metadata": {"name": ["x"]}})],
         [b'{"type": "ADDED", "object": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"],
     ]
     seen: list[tuple[str, str]] = []
@@ -109,10 +110,10 @@ async def test_reflector_relists_after_unreadable_events_and_keeps_running(fake_
     api.relist_state = ({"a": cm("a", 5, v="after"), "b": cm("b", 2)}, 5)
     task = asyncio.create_task(reflector.run())
     try:
-        await wait_for(lambda: not api.scripts and api.watches >= 8)
+        await wait_for(lambda: not api.scripts and api.watches >= 9)
         assert not task.done(), task
-        assert reflector.stats.unreadable_events >= 5
-        assert api.lists >= 6  # a relist after each unreadable event
+        assert reflector.stats.unreadable_events >= 6
+        assert api.lists >= 7  # a relist after each unreadable event
         assert reflector.store[("default", "a")]["data"] == {"v": "after"}
         assert set(reflector.store) == {("default", "a"), ("default", "b")}  # c: never listed, dropped
         assert ("ADDED", "b") in seen
