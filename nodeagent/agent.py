@@ -36,10 +36,20 @@ log = structlog.get_logger(__name__)
 from nodeagent import __version__ as VERSION
 
 
+# A deletion timestamp must stay representable (time.gmtime fails past year 9999).
+_MAX_GRACE_FOR_TIMESTAMP = 10 * 365 * 24 * 3600
+
+
 def mark_terminating(pod: dict) -> dict:
+    """The pod as graceful deletion leaves it. Never raises: the pod was validated, but
+    this runs on removal, where a surprise would take the agent down."""
     pod = dict(pod)
-    meta = dict(pod["metadata"])
-    grace = int(pod["spec"].get("terminationGracePeriodSeconds", 30))
+    meta = dict(pod["metadata"]) if isinstance(pod.get("metadata"), dict) else {}
+    spec = pod.get("spec") if isinstance(pod.get("spec"), dict) else {}
+    grace = spec.get("terminationGracePeriodSeconds", 30)
+    if not isinstance(grace, int) or isinstance(grace, bool):
+        grace = 30
+    grace = min(max(grace, 0), _MAX_GRACE_FOR_TIMESTAMP)
     meta.setdefault("deletionTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + grace)))
     meta.setdefault("deletionGracePeriodSeconds", grace)
     pod["metadata"] = meta
@@ -150,7 +160,8 @@ class Agent:
             pods=self.pod_list,
             proxy=self.proxy.describe if self.proxy else None,
             checks={"ping": lambda: (True, "ok"), "pleg": self.pleg.healthy,
-                    "network": self._network_health},
+                    "network": self._network_health,
+                    **({"manifests": self.manifests.health} if self.manifests else {})},
             info=lambda: self.eviction.describe(),
         )
         self._file_pods: set[str] = set()

@@ -26,7 +26,7 @@ import aiodocker
 import structlog
 
 from runtime import labels as L
-from runtime.engine import Engine, EngineError, iter_json_lines
+from runtime.engine import SKIPPED_LINE, Engine, EngineError, iter_json_lines
 from runtime.imageref import parse_image_ref
 from runtime.timeutil import parse_docker_time
 from runtime.types import (
@@ -36,6 +36,7 @@ from runtime.types import (
     CreateContainerError,
     ImageError,
     NotFound,
+    RESYNC_ACTION,
     PodRef,
     RuntimeError_,
     RuntimeEvent,
@@ -465,10 +466,18 @@ class DockerRuntime:
         response = await self.engine.open_stream("docker events", "GET", "events", params=params)
         try:
             async for event in iter_json_lines(response, "docker events"):
+                if event is SKIPPED_LINE:
+                    # An event we could not read: whatever it said, a relist will see.
+                    yield RuntimeEvent(pod_uid="", container_id="", action=RESYNC_ACTION)
+                    continue
                 actor = event.get("Actor") or {}
+                if not isinstance(actor, dict):
+                    actor = {}
                 container_id = str(actor.get("ID") or event.get("id") or "")
                 action = str(event.get("Action") or event.get("status") or "")
                 attributes = actor.get("Attributes") or {}
+                if not isinstance(attributes, dict):
+                    attributes = {}
                 if not container_id or not action:
                     continue
                 self._status_cache.pop(container_id, None)

@@ -27,11 +27,13 @@ from typing import Any
 
 import aiodocker
 import aiohttp
+import structlog
 from aiodocker.exceptions import DockerError
 
 from runtime.types import NotFound, RuntimeError_, RuntimeTimeout, RuntimeUnavailable
 
 DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
+_log = structlog.get_logger(__name__)
 # aiodocker reports a failed connection as a DockerError with this pseudo status.
 _CONNECT_FAILED = 900
 
@@ -186,32 +188,76 @@ class Engine:
         return EngineError(exc.status, f"{what}: Docker error {exc.status}: {message}")
 
 
+# Longest stream line accepted. An event line carries the container's labels, which
+# include the pod's annotations (at most 256 KiB, JSON-escaped twice on the way).
+MAX_STREAM_LINE = 4 * 1024 * 1024
+# Marker yielded in place of a line that was skipped, so a consumer that must not
+# miss anything (the PLEG) knows to resynchronise.
+SKIPPED_LINE: dict[str, Any] = {"__nodeagent_skipped__": True}
+
+
 async def iter_json_lines(
-    response: aiohttp.ClientResponse, what: str
+    response: aiohttp.ClientResponse, what: str, *, max_line: int = MAX_STREAM_LINE
 ) -> AsyncIterator[dict[str, Any]]:
     """The JSON objects of a Docker progress/event stream (one per line).
 
-    Raises RuntimeUnavailable when the connection breaks mid-stream; returns at a
-    clean end of stream. In-band ``error`` objects are yielded for the caller to judge.
+    Never holds more than ``max_line`` bytes of one line: a longer line is dropped as
+    it arrives, and so is a line that is not a JSON object; either is logged and
+    replaced by ``SKIPPED_LINE``, and the stream goes on. Raises RuntimeUnavailable
+    when the connection breaks mid-stream; returns at a clean end of stream. In-band
+    ``error`` objects are yielded for the caller to judge.
     """
+    buffer = bytearray()
+    dropping = False  # inside a line longer than max_line: discard up to its newline
+    dropped = 0
     try:
         while True:
-            line = await response.content.readline()
-            if not line:
+            chunk = await response.content.readany()
+            if not chunk:
+                if buffer.strip() and not dropping:
+                    obj = _decode_line(bytes(buffer), what)
+                    yield obj if obj is not None else SKIPPED_LINE
                 return
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                raise RuntimeUnavailable(
-                    f"{what}: Docker sent a malformed stream line: {line[:200]!r}"
-                ) from None
-            if isinstance(obj, dict):
-                yield obj
+            start = 0
+            while True:
+                newline = chunk.find(b"\n", start)
+                piece = chunk[start:] if newline < 0 else chunk[start:newline]
+                if dropping:
+                    dropped += len(piece)
+                elif len(buffer) + len(piece) > max_line:
+                    dropping, dropped = True, len(buffer) + len(piece)
+                    buffer.clear()
+                else:
+                    buffer += piece
+                if newline < 0:
+                    break
+                start = newline + 1
+                if dropping:
+                    _log.warning("stream line over the size limit skipped", stream=what,
+                                 bytes=dropped, limit=max_line)
+                    dropping = False
+                    yield SKIPPED_LINE
+                    continue
+                line = bytes(buffer).strip()
+                buffer.clear()
+                if line:
+                    obj = _decode_line(line, what)
+                    yield obj if obj is not None else SKIPPED_LINE
     except (aiohttp.ClientError, OSError) as exc:
         raise RuntimeUnavailable(f"{what}: stream from Docker broke: {exc}") from None
+
+
+def _decode_line(line: bytes, what: str) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError):
+        _log.warning("malformed stream line skipped", stream=what, line=line[:200].decode("utf-8", "replace"))
+        return None
+    if not isinstance(obj, dict):
+        _log.warning("stream line is not a JSON object; skipped", stream=what,
+                     line=line[:200].decode("utf-8", "replace"))
+        return None
+    return obj
 
 
 def stream_error(obj: Mapping[str, Any]) -> str | None:

@@ -192,7 +192,11 @@ class RuntimeEvent:
 
     pod_uid: str
     container_id: str
-    action: str  # docker action: start, die, oom, destroy, ...
+    action: str  # docker action: start, die, oom, destroy, ... or RESYNC_ACTION
+
+
+# An event that could not be read (over-long or malformed): the consumer relists.
+RESYNC_ACTION = "resync"
 
 
 class RuntimeService(Protocol):

@@ -24,6 +24,7 @@ from decimal import Decimal
 from typing import Any, Iterator
 
 from nodeagent.api.quantity import QuantityError, parse_quantity
+from nodeagent.api.shape import check_shape
 
 try:  # the runtime side owns Docker's reference grammar; reuse it when present
     from runtime.imageref import parse_image_ref as _parse_image_ref
@@ -99,6 +100,10 @@ DEFAULT_NAMESPACE = "default"
 DEFAULT_GRACE_PERIOD = 30
 DEFAULT_FILE_MODE = 0o644  # 420, what the API server writes for configMap/secret/... volumes
 DEFAULT_TOKEN_EXPIRATION = 3600
+# API server limits (REFERENCE.md "API validation limits").
+MAX_ANNOTATIONS_BYTES = 256 * 1024  # all keys and values of one object together
+MAX_ID = 2**31 - 1  # runAsUser, runAsGroup, fsGroup, supplemental groups
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1  # spec.priority
 
 
 def is_dns1123_label(value: object) -> bool:
@@ -241,6 +246,19 @@ def validate_pod(pod: object) -> list[FieldError]:
     if not isinstance(pod, dict):
         v.add("", f"a pod must be a mapping (a Kubernetes object), got {_show(pod)}")
         return v.errors
+    # Plain JSON first (string keys, int64 numbers, bounded depth): everything below
+    # may then rely on it.
+    shape = check_shape(pod)
+    if shape:
+        return [FieldError(field, message) for field, message in shape]
+    try:
+        _validate_pod(v, pod)
+    except Exception as exc:  # a shape this validator did not foresee: refuse, never raise
+        v.add("", f"cannot validate this pod ({type(exc).__name__}: {exc})")
+    return v.errors
+
+
+def _validate_pod(v: _Collector, pod: dict) -> None:
     # kind/apiVersion may be absent on pods taken from a list response; when present
     # they must say Pod/v1.
     kind = pod.get("kind")
@@ -257,7 +275,6 @@ def validate_pod(pod: object) -> list[FieldError]:
 
         for field, message in unsupported(pod):
             v.add(field, message)
-    return v.errors
 
 
 def _validate_metadata(v: _Collector, value: object) -> None:
@@ -297,6 +314,11 @@ def _validate_metadata(v: _Collector, value: object) -> None:
             v.add("metadata.annotations", f"invalid annotation key {_show(key)}: must be [prefix/]name")
         if not isinstance(val, str):
             v.add(f"metadata.annotations[{key}]", f"annotation values must be strings, got {_show(val)}")
+    total = sum(len(str(key).encode()) + len(val.encode()) for key, val in (annotations or {}).items()
+                if isinstance(val, str))
+    if total > MAX_ANNOTATIONS_BYTES:
+        v.add("metadata.annotations", f"Too long: all annotations together are {total} bytes, "
+              f"must have at most {MAX_ANNOTATIONS_BYTES} bytes")
 
 
 class _PodContext:
@@ -361,7 +383,7 @@ def _validate_spec(v: _Collector, spec: dict) -> None:
             v.add(f"spec.{field}", f"invalid value {_show(value)}: must be a lowercase RFC 1123 label")
     v.string("spec.priorityClassName", spec.get("priorityClassName"))
     v.string("spec.schedulerName", spec.get("schedulerName"))
-    v.integer("spec.priority", spec.get("priority"))
+    v.integer("spec.priority", spec.get("priority"), minimum=INT32_MIN, maximum=INT32_MAX)
     for i, ref in enumerate(v.sequence("spec.imagePullSecrets", spec.get("imagePullSecrets")) or []):
         name = ref.get("name") if isinstance(ref, dict) else None
         if not isinstance(ref, dict) or not is_dns1123_subdomain(name):
@@ -374,11 +396,11 @@ def _validate_spec(v: _Collector, spec: dict) -> None:
     sc = v.mapping("spec.securityContext", spec.get("securityContext"))
     if sc is not None:
         for field in ("runAsUser", "runAsGroup", "fsGroup"):
-            v.integer(f"spec.securityContext.{field}", sc.get(field), minimum=0)
+            v.integer(f"spec.securityContext.{field}", sc.get(field), minimum=0, maximum=MAX_ID)
         v.boolean("spec.securityContext.runAsNonRoot", sc.get("runAsNonRoot"))
         groups = v.sequence("spec.securityContext.supplementalGroups", sc.get("supplementalGroups"))
         for i, gid in enumerate(groups or []):
-            v.integer(f"spec.securityContext.supplementalGroups[{i}]", gid, minimum=0)
+            v.integer(f"spec.securityContext.supplementalGroups[{i}]", gid, minimum=0, maximum=MAX_ID)
 
 
 def _validate_volumes(v: _Collector, value: object, ctx: _PodContext) -> None:
@@ -594,7 +616,7 @@ def _validate_resource_field_ref(
     if container_name in (None, ""):
         if own_container is None:  # volumes have no implicit container
             v.add(f"{path}.containerName", "Required value: the container whose resources to expose")
-    elif container_name not in ctx.container_names:
+    elif not isinstance(container_name, str) or container_name not in ctx.container_names:
         v.add(f"{path}.containerName", f"no container named {_show(container_name)} in this pod")
     resource = ref.get("resource")
     if resource is None or resource == "":
@@ -686,7 +708,7 @@ def _validate_container(v: _Collector, path: str, c: dict, ctx: _PodContext, *, 
     sc = v.mapping(f"{path}.securityContext", c.get("securityContext"))
     if sc is not None:
         for field in ("runAsUser", "runAsGroup"):
-            v.integer(f"{path}.securityContext.{field}", sc.get(field), minimum=0)
+            v.integer(f"{path}.securityContext.{field}", sc.get(field), minimum=0, maximum=MAX_ID)
         for field in ("privileged", "allowPrivilegeEscalation", "readOnlyRootFilesystem", "runAsNonRoot"):
             v.boolean(f"{path}.securityContext.{field}", sc.get(field))
         caps = v.mapping(f"{path}.securityContext.capabilities", sc.get("capabilities"))
@@ -729,6 +751,7 @@ def _validate_ports(v: _Collector, path: str, value: object, ctx: _PodContext) -
                 ipaddress.ip_address(host_ip)
             except (ValueError, TypeError):
                 v.add(f"{ppath}.hostIP", f"invalid IP address {_show(host_ip)}")
+                host_ip = None
         if ctx.host_network and host_port and _is_int(container_port) and host_port != container_port:
             v.add(f"{ppath}.hostPort", f"invalid value {host_port!r}: must match containerPort "
                   f"{container_port} when hostNetwork is true")
@@ -862,6 +885,8 @@ def _validate_mounts(v: _Collector, path: str, value: object, ctx: _PodContext, 
         name = mount.get("name")
         if name is None or name == "":
             v.add(f"{mpath}.name", "Required value")
+        elif not isinstance(name, str):
+            v.add(f"{mpath}.name", f"must be a string, got {_show(name)}")
         elif name not in ctx.volume_kinds:
             v.add(f"{mpath}.name", f"volume {_show(name)} not found: no volume with that name in spec.volumes")
         mount_path = mount.get("mountPath")
@@ -1066,6 +1091,10 @@ def apply_defaults(pod: Any) -> Any:
         return pod
     spec.setdefault("restartPolicy", "Always")
     spec.setdefault("terminationGracePeriodSeconds", DEFAULT_GRACE_PERIOD)
+    grace = spec.get("terminationGracePeriodSeconds")
+    if isinstance(grace, int) and not isinstance(grace, bool) and grace < 0:
+        # The API server treats a negative grace period as 1 second (Kubernetes 1.27+).
+        spec["terminationGracePeriodSeconds"] = 1
     spec.setdefault("dnsPolicy", "ClusterFirst")
     spec.setdefault("securityContext", {})
     spec.setdefault("schedulerName", "default-scheduler")

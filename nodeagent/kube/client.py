@@ -59,11 +59,12 @@ class ApiError(Exception):
         if isinstance(raw, (bytes, str)):
             try:
                 body = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 body = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
         if isinstance(body, dict) and body.get("kind") == "Status":
-            return cls(int(body.get("code") or status), body.get("reason") or "",
-                       body.get("message") or "", body, retry_after)
+            code = body.get("code")
+            return cls(code if isinstance(code, int) and not isinstance(code, bool) and code else status,
+                       str(body.get("reason") or ""), str(body.get("message") or ""), body, retry_after)
         text = body if isinstance(body, str) else json.dumps(body) if body is not None else ""
         return cls(status, _REASONS.get(status, "Unknown"), text.strip()[:500], body, retry_after)
 
@@ -249,10 +250,22 @@ class WatchEvent:
         return (self.object.get("metadata") or {}).get("resourceVersion") or ""
 
 
+# Longest watch event line held in memory. The API server stores objects of at most
+# ~1.5 MiB (etcd's request limit) and refuses requests over 3 MiB.
+MAX_WATCH_EVENT_BYTES = 16 * 1024 * 1024
+
+
+class WatchEventUnreadable(Exception):
+    """The watch stream carried an event that could not be read (not JSON, not an
+    object, over the size limit). The events before it were delivered; the watcher's
+    cache may now miss a change, so it must relist."""
+
+
 class WatchStream:
     """One watch request: `async with client.watch(...) as stream: async for ev in stream`.
     ERROR events raise ApiError (410 for an expired resourceVersion); a broken stream
-    raises ApiConnectionError; a stream the server ends cleanly just stops iterating."""
+    raises ApiConnectionError; an unreadable event raises WatchEventUnreadable after the
+    events before it; a stream the server ends cleanly just stops iterating."""
 
     def __init__(self, client: "KubeClient", resource: Resource, path: str,
                  params: dict[str, str], read_timeout: float | None) -> None:
@@ -263,7 +276,8 @@ class WatchStream:
         self._read_timeout = read_timeout
         self._response: aiohttp.ClientResponse | None = None
         self._buffer = b""
-        self._pending: collections.deque[WatchEvent] = collections.deque()
+        self._dropping = 0  # bytes of an over-long line being discarded (0: not dropping)
+        self._pending: collections.deque[WatchEvent | WatchEventUnreadable] = collections.deque()
         self._eof = False
 
     async def __aenter__(self) -> "WatchStream":
@@ -301,12 +315,34 @@ class WatchStream:
                 self._eof = True
                 self._parse(final=True)
             else:
-                self._buffer += chunk
-                self._parse(final=False)
+                self._feed(chunk)
         event = self._pending.popleft()
+        if isinstance(event, WatchEventUnreadable):
+            raise event
         if event.type == "ERROR":
-            raise ApiError.from_body(int(event.object.get("code") or 500), event.object)
+            code = event.object.get("code")
+            raise ApiError.from_body(code if isinstance(code, int) and 100 <= code <= 599 else 500, event.object)
         return event
+
+    def _feed(self, chunk: bytes) -> None:
+        if self._dropping:
+            newline = chunk.find(b"\n")
+            if newline < 0:
+                self._dropping += len(chunk)
+                return
+            self._unreadable(f"event of more than {self._dropping + newline} bytes, over the limit of "
+                             f"{MAX_WATCH_EVENT_BYTES}")
+            self._dropping = 0
+            chunk = chunk[newline + 1:]
+        self._buffer += chunk
+        self._parse(final=False)
+        if len(self._buffer) > MAX_WATCH_EVENT_BYTES:  # the unfinished line is too long
+            self._dropping = len(self._buffer)
+            self._buffer = b""
+
+    def _unreadable(self, why: str) -> None:
+        log.warning("kube.watch_event_unreadable", path=self._path, reason=why)
+        self._pending.append(WatchEventUnreadable(f"watch {self._path}: unreadable event: {why}"))
 
     def _parse(self, final: bool) -> None:
         lines = self._buffer.split(b"\n")
@@ -317,13 +353,22 @@ class WatchStream:
                 continue
             try:
                 doc = json.loads(line)
-            except ValueError as exc:
-                raise ApiConnectionError(f"watch {self._path}: undecodable event: {exc}") from exc
-            obj = doc.get("object") or {}
-            if doc.get("type") != "ERROR" and self._resource.kind:
+            except (ValueError, RecursionError) as exc:
+                self._unreadable(f"not JSON ({exc.__class__.__name__}: {str(exc)[:200]})")
+                continue
+            obj = doc.get("object") if isinstance(doc, dict) else None
+            event_type = doc.get("type") if isinstance(doc, dict) else None
+            if not isinstance(obj, dict) or not isinstance(event_type, str):
+                self._unreadable(f"not a watch event: {line[:200]!r}")
+                continue
+            meta = obj.get("metadata")
+            if event_type != "ERROR" and meta is not None and not isinstance(meta, dict):
+                self._unreadable(f"{event_type} object with metadata {str(meta)[:100]!r}")
+                continue
+            if event_type != "ERROR" and self._resource.kind:
                 obj.setdefault("kind", self._resource.kind)
                 obj.setdefault("apiVersion", self._resource.api_version)
-            self._pending.append(WatchEvent(doc.get("type", ""), obj))
+            self._pending.append(WatchEvent(event_type, obj))
 
 
 # --- the client -------------------------------------------------------------------------
@@ -462,7 +507,7 @@ class KubeClient:
                     return {}
                 try:
                     return json.loads(raw)
-                except ValueError as exc:
+                except (ValueError, RecursionError) as exc:
                     raise ApiError(response.status, "InternalError",
                                    f"undecodable answer from {url}: {exc}", raw) from exc
             retry_after = parse_retry_after(response.headers.get("Retry-After"))

@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, Mapping
 
 import structlog
 
-from .client import ApiConnectionError, ApiError, Backoff, KubeClient
+from .client import ApiConnectionError, ApiError, Backoff, KubeClient, WatchEventUnreadable
 from .resources import Resource
 
 log = structlog.get_logger(__name__)
@@ -32,17 +32,23 @@ ObjectKey = tuple[str, str]  # (namespace, name); namespace "" for cluster-scope
 EventHandler = Callable[[str, dict, "dict | None"], "Awaitable[None] | None"]
 
 
+def _meta_str(obj: Mapping[str, Any] | None, field: str) -> str:
+    # Objects come from the network: a field of the wrong type reads as absent.
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    value = meta.get(field) if isinstance(meta, Mapping) else None
+    return value if isinstance(value, str) else ""
+
+
 def object_key(obj: Mapping[str, Any]) -> ObjectKey:
-    meta = obj.get("metadata") or {}
-    return meta.get("namespace") or "", meta.get("name") or ""
+    return _meta_str(obj, "namespace"), _meta_str(obj, "name")
 
 
 def _rv(obj: Mapping[str, Any] | None) -> str:
-    return ((obj or {}).get("metadata") or {}).get("resourceVersion") or ""
+    return _meta_str(obj, "resourceVersion")
 
 
 def _uid(obj: Mapping[str, Any] | None) -> str:
-    return ((obj or {}).get("metadata") or {}).get("uid") or ""
+    return _meta_str(obj, "uid")
 
 
 @dataclass
@@ -55,6 +61,7 @@ class ReflectorStats:
     bookmarks: int = 0
     synthetic_deletes: int = 0
     connection_errors: int = 0
+    unreadable_events: int = 0
     last_error: str = ""
     extra: dict[str, int] = field(default_factory=dict)
 
@@ -141,14 +148,20 @@ class Reflector:
                 self.resource, self.namespace, retry=False,
                 label_selector=self.label_selector, field_selector=self.field_selector)
         self.stats.lists += 1
-        listed = {object_key(item): item for item in result.get("items") or []}
+        items = result.get("items") if isinstance(result, dict) else None
+        listed = {}
+        for item in items if isinstance(items, list) else []:
+            if not isinstance(item, dict) or not object_key(item)[1]:
+                self._log.warning("reflector.unreadable_item", item=str(item)[:200])
+                continue
+            listed[object_key(item)] = item
         for key in [k for k in self.store if k not in listed]:
             old = self.store.pop(key)
             self.stats.synthetic_deletes += 1
             await self._deliver("DELETED", old, old)
         for item in listed.values():
             await self._apply("ADDED", item)
-        self.resource_version = (result.get("metadata") or {}).get("resourceVersion") or ""
+        self.resource_version = _rv(result) if isinstance(result, dict) else ""
         self.synced.set()
         self._log.debug("reflector.listed", count=len(listed), resource_version=self.resource_version)
 
@@ -168,6 +181,8 @@ class Reflector:
                 if event.type == "BOOKMARK":
                     self.stats.bookmarks += 1
                 elif event.type in ("ADDED", "MODIFIED", "DELETED"):
+                    if not object_key(event.object)[1]:
+                        raise WatchEventUnreadable(f"{event.type} event for an object without a name")
                     await self._apply(event.type, event.object)
                 else:
                     self._log.warning("reflector.unknown_event", type=event.type)
@@ -211,6 +226,20 @@ class Reflector:
                 self.stats.last_error = str(exc)
                 delay = self.backoff.next()
                 self._log.warning("reflector.unreachable", error=str(exc), retry_in=round(delay, 2))
+                await asyncio.sleep(delay)
+            except WatchEventUnreadable as exc:
+                # A change may be lost with the event: the cache is rebuilt by a list.
+                self.stats.unreadable_events += 1
+                self.stats.last_error = str(exc)
+                need_list = True
+                delay = self.backoff.next()
+                self._log.warning("reflector.relist_after_unreadable_event", error=str(exc), retry_in=round(delay, 2))
+                await asyncio.sleep(delay)
+            except Exception as exc:  # never end the reflector (and with it its task group)
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                need_list = True
+                delay = self.backoff.next()
+                self._log.exception("reflector.failed", retry_in=round(delay, 2))
                 await asyncio.sleep(delay)
 
 

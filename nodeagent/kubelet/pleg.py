@@ -15,7 +15,7 @@ from typing import Callable
 
 import structlog
 
-from runtime.types import RuntimeError_, RuntimeService
+from runtime.types import RESYNC_ACTION, RuntimeError_, RuntimeService
 
 log = structlog.get_logger(__name__)
 
@@ -104,10 +104,14 @@ class PLEG:
             try:
                 async for event in self._runtime.events():
                     delay = 1.0
-                    if event.pod_uid:
+                    if event.action == RESYNC_ACTION:
+                        self.request_relist()
+                    elif event.pod_uid:
                         self._on_pod_event(event.pod_uid)
             except RuntimeError_ as exc:
                 log.debug("runtime event stream broke; reconnecting", error=str(exc), retry_in=delay)
+            except Exception:  # whatever ends the stream, it is reopened: never the agent
+                log.exception("runtime event stream failed; reconnecting", retry_in=delay)
             # Whatever happened while the stream was down is found by a relist.
             self.request_relist()
             await asyncio.sleep(delay * (0.5 + random.random()))

@@ -62,7 +62,10 @@ class StatusServer:
         for name, check in self._checks.items():
             ok, detail = check()
             healthy &= ok
-            lines.append(f"[+]{name} ok" if ok else f"[-]{name} failed: {detail}")
+            if ok:  # a healthy check may still say something (e.g. manifests not loaded)
+                lines.append(f"[+]{name} ok" if detail in ("", "ok") else f"[+]{name} ok: {detail}")
+            else:
+                lines.append(f"[-]{name} failed: {detail}")
         verbose = "verbose" in request.query
         if self._info is not None:
             lines += [f"[i]{line}" for line in self._info()]

@@ -7,6 +7,12 @@ stat per file; files are re-parsed only when their (inode, size, mtime) changes.
 Bad input never takes down what already runs: a file that stops parsing keeps its
 last good pods, and an invalid edit of a pod keeps the previous version running.
 Errors are logged once per change, naming the file and the field.
+
+The parsing boundary: ``manifestfile`` reads and parses a file within fixed budgets
+(size, depth, aliases, documents; regular files only), ``api.shape`` holds every
+document to plain JSON, ``podspec``/``servicespec`` check types and the API server's
+limits before anything reads a field, and any exception left while handling one file
+is caught here, per file, and reported with its name: it never reaches the agent.
 """
 
 from __future__ import annotations
@@ -15,16 +21,25 @@ import asyncio
 import copy
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import structlog
-import yaml
 
-from nodeagent.standalone.dirwatch import DirectoryWatch
 from nodeagent.api.podspec import FieldError, apply_defaults, static_pod_uid, validate_pod
+from nodeagent.api.servicespec import validate_service_types
+from nodeagent.api.shape import check_shape
+from nodeagent.standalone.dirwatch import DirectoryWatch
+from nodeagent.standalone.manifestfile import (
+    ManifestReadError,
+    decode_text,
+    display_name,
+    load_documents,
+    read_manifest_bytes,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +64,7 @@ class ManifestSnapshot:
 
 @dataclass
 class _FileState:
-    stamp: tuple[int, int, int]
+    stamp: tuple[int, ...]
     pods: list[dict]  # accepted pods (uid set)
     rejected: dict[str, tuple[dict, str]]  # uid -> (pod, message)
     services: list[dict]
@@ -66,27 +81,48 @@ class ManifestError(Exception):
         self.field = field_path
 
 
-def _load_documents(path: Path, text: str) -> list[object]:
-    if path.suffix == ".json":
-        try:
-            return [json.loads(text)]
-        except json.JSONDecodeError as exc:
-            raise ManifestError(str(path), "", f"not valid JSON: {exc}") from None
-    try:
-        return [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        where = ""
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None:
-            where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ManifestError(str(path), "", f"not valid YAML{where}: {problem}") from None
+def _text(value: object) -> str:
+    """A value used in an identity or message before its type is known to be right."""
+    return value if isinstance(value, str) else repr(value)
+
+
+# Errors on these fields leave no pod that could even be shown (with a status) safely.
+_IDENTITY_FIELDS = ("", "kind", "apiVersion", "metadata", "metadata.name", "metadata.namespace",
+                    "metadata.labels", "metadata.annotations", "spec")
+
+
+def _is_identity_error(err: FieldError) -> bool:
+    return err.field in _IDENTITY_FIELDS or err.field.startswith(("metadata.labels[", "metadata.annotations["))
 
 
 def _is_image_error(err: FieldError) -> bool:
     # An invalid (but present) image is reported the kubelet way, as the container's
     # waiting reason InvalidImageName, instead of rejecting the whole pod.
     return err.field.endswith(".image") and "Required value" not in err.message
+
+
+def _displayable(pod: dict) -> dict:
+    """What of an invalid pod is kept to show it (phase Failed, reason InvalidManifest):
+    its metadata (valid: identity errors are not shown at all) and, per container, a
+    name and image that are strings. Nothing else of an invalid spec may reach code
+    that reads fields by their type (status, termination, proxy, mirror pods)."""
+    spec = pod["spec"]
+    shown: dict = {"nodeName": spec.get("nodeName")}
+    for key in ("initContainers", "containers"):
+        items = spec.get(key)
+        containers = [
+            {"name": c["name"], "image": c["image"] if isinstance(c.get("image"), str) else ""}
+            for c in (items if isinstance(items, list) else [])
+            if isinstance(c, dict) and isinstance(c.get("name"), str)
+        ]
+        if containers or key == "containers":
+            shown[key] = containers
+    for key, ok in (("restartPolicy", lambda v: v in ("Always", "OnFailure", "Never")),
+                    ("terminationGracePeriodSeconds",
+                     lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 2**31)):
+        if ok(spec.get(key)):
+            shown[key] = spec[key]
+    return {**pod, "spec": shown}
 
 
 class ManifestSource:
@@ -120,16 +156,19 @@ class ManifestSource:
         while True:
             # Reading a few small files per change; the parse cost is measured in
             # microseconds, but a slow filesystem must not stall the loop.
-            snapshot = await asyncio.to_thread(self.scan)
-            key = (
-                sorted(snapshot.pods),
-                sorted(snapshot.rejected),
-                json.dumps(snapshot.services, sort_keys=True),
-            )
-            if key != self._last_snapshot_key or not self.synced.is_set():
-                self._last_snapshot_key = key
-                self.on_change(snapshot)
-            self.synced.set()
+            try:
+                snapshot = await asyncio.to_thread(self.scan)
+                key = (
+                    sorted(snapshot.pods),
+                    sorted(snapshot.rejected),
+                    json.dumps(snapshot.services, sort_keys=True),
+                )
+                if key != self._last_snapshot_key or not self.synced.is_set():
+                    self._last_snapshot_key = key
+                    self.on_change(snapshot)
+                self.synced.set()
+            except Exception:  # never end the source (and with it the agent); retry next pass
+                log.exception("manifest scan failed; retrying")
             if watch is None:
                 await asyncio.sleep(self.poll_period)
                 continue
@@ -142,12 +181,31 @@ class ManifestSource:
                 pass
             watch.changed.clear()
 
+    def problems(self) -> list[str]:
+        """Why files of the directory are not (fully) loaded, one line per problem."""
+        out = [self._dir_error] if self._dir_error else []
+        for key in sorted(self._files, key=lambda k: self._files[k].seq):
+            out.extend(self._files[key].errors)
+        return out
+
+    def health(self) -> tuple[bool, str]:
+        """For /healthz?verbose: always healthy (a bad file does not make the node
+        unhealthy), but says which files are not loaded and why."""
+        problems = self.problems()
+        if not problems:
+            return True, "ok"
+        shown = "; ".join(p if len(p) <= 300 else p[:297] + "..." for p in problems[:20])
+        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
+        return True, f"{len(problems)} manifest problem(s): {shown}{more}"
+
     def scan(self) -> ManifestSnapshot:
         try:
+            # Every entry that looks like a manifest, whatever it is: a directory, FIFO,
+            # device or dangling symlink named *.yaml is reported, not silently skipped.
             entries = sorted(
                 p
                 for p in self.directory.iterdir()
-                if p.suffix in MANIFEST_SUFFIXES and not p.name.startswith(".") and p.is_file()
+                if p.suffix in MANIFEST_SUFFIXES and not p.name.startswith(".")
             )
             if self._dir_error:
                 log.info("manifest directory readable again", directory=str(self.directory))
@@ -164,14 +222,22 @@ class ManifestSource:
             key = str(path)
             seen.add(key)
             try:
-                st = path.stat()
+                try:
+                    st = path.stat()
+                except OSError:
+                    st = path.lstat()  # a dangling or looping symlink: reported by its own stamp
             except OSError:
-                continue
-            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+                continue  # gone since the listing
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns, stat.S_IFMT(st.st_mode))
             old = self._files.get(key)
             if old is not None and old.stamp == stamp:
                 continue
-            state = self._parse_file(path, stamp, old)
+            try:
+                state = self._parse_file(path, stamp, old)
+            except Exception as exc:  # the file boundary: nothing reaches the agent
+                log.exception("manifest handling failed", file=display_name(path))
+                err = ManifestError(display_name(path), "", f"cannot be handled ({type(exc).__name__}: {exc})")
+                state = self._keep_old(path, stamp, old, err)
             if old is not None:
                 state.seq = old.seq
             else:
@@ -180,7 +246,7 @@ class ManifestSource:
             self._files[key] = state
             self._report_duplicates_across_files(path, state)
         for gone in set(self._files) - seen:
-            log.info("manifest removed", file=gone)
+            log.info("manifest removed", file=display_name(gone))
             del self._files[gone]
         return self._snapshot()
 
@@ -204,15 +270,16 @@ class ManifestSource:
             snap.services.extend(state.services)
         return snap
 
-    def _parse_file(self, path: Path, stamp: tuple[int, int, int], old: _FileState | None) -> _FileState:
+    def _parse_file(self, path: Path, stamp: tuple[int, ...], old: _FileState | None) -> _FileState:
+        shown = display_name(path)
         try:
-            text = path.read_text()
-            docs = _load_documents(path, text)
-        except (OSError, UnicodeDecodeError) as exc:
-            err = ManifestError(str(path), "", f"cannot read: {exc}")
-            return self._keep_old(path, stamp, old, err)
-        except ManifestError as err:
-            return self._keep_old(path, stamp, old, err)
+            if shown != str(path):
+                # Its name would reach labels, annotations and JSON answers.
+                raise ManifestReadError("the file name is not valid UTF-8; rename the file")
+            text = decode_text(read_manifest_bytes(path))
+            docs = load_documents(text, json_file=path.suffix == ".json")
+        except ManifestReadError as exc:
+            return self._keep_old(path, stamp, old, ManifestError(shown, "", str(exc)))
 
         previous = {
             (p["metadata"]["namespace"], p["metadata"]["name"]): p for p in (old.pods if old else [])
@@ -224,35 +291,68 @@ class ManifestSource:
             if not isinstance(doc, dict):
                 self._error(state, ManifestError(where, "", "a manifest must be a mapping (a Kubernetes object)"))
                 continue
+            shape = check_shape(doc)
+            if shape:
+                self._refuse_document(state, where, doc, shape, previous)
+                continue
             kind = doc.get("kind")
             if kind not in SUPPORTED_KINDS:
                 self._error(
                     state,
-                    ManifestError(where, "kind", f"unsupported kind {kind!r}: a manifest holds a Pod or a Service"),
+                    ManifestError(where, "kind", f"unsupported kind {_text(kind)[:80]}: a manifest holds a Pod "
+                                  "or a Service"),
                 )
                 continue
             meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
-            ident = (kind, meta.get("namespace") or "default", str(meta.get("name")))
+            ident = (kind, _text(meta.get("namespace") or "default"), _text(meta.get("name")))
             if ident in names_here:
                 self._error(state, ManifestError(where, "metadata.name", f"duplicate {kind} {ident[1]}/{ident[2]} in this file"))
                 continue
             names_here.add(ident)
             if kind == "Service":
+                problems = validate_service_types(doc)
+                if problems:
+                    for e in problems:
+                        self._error(state, ManifestError(where, e.field, e.message))
+                    continue
                 svc = copy.deepcopy(doc)
-                svc.setdefault("metadata", {}).setdefault("namespace", "default")
-                svc["metadata"].setdefault("annotations", {})[MANIFEST_FILE_ANNOTATION] = str(path)
+                svc_meta = svc["metadata"]
+                if not svc_meta.get("namespace"):
+                    svc_meta["namespace"] = "default"
+                if svc_meta.get("annotations") is None:  # absent or null
+                    svc_meta["annotations"] = {}
+                svc_meta["annotations"][MANIFEST_FILE_ANNOTATION] = str(path)
                 state.services.append(svc)
                 continue
-            self._add_pod(state, where, str(path), doc, previous)
+            try:
+                self._add_pod(state, where, str(path), doc, previous)
+            except Exception as exc:  # one document's surprise must not cost the others
+                log.exception("pod manifest handling failed", file=where)
+                self._error(state, ManifestError(where, "", f"cannot be handled ({type(exc).__name__}: {exc})"))
         if not state.errors:
-            log.info("manifest loaded", file=str(path), pods=len(state.pods), services=len(state.services))
+            log.info("manifest loaded", file=shown, pods=len(state.pods), services=len(state.services))
         return state
+
+    def _refuse_document(self, state: _FileState, where: str, doc: dict, shape: list[tuple[str, str]],
+                         previous: dict) -> None:
+        """A document that is not plain JSON. An edit that breaks a running pod this
+        way keeps the previous version running, like any other invalid edit."""
+        meta = doc.get("metadata")
+        name = meta.get("name") if isinstance(meta, dict) else None
+        namespace = (meta.get("namespace") or "default") if isinstance(meta, dict) else None
+        kept = None
+        if doc.get("kind") == "Pod" and isinstance(name, str) and isinstance(namespace, str):
+            kept = previous.get((namespace, f"{name}-{self.node_name}"))
+        suffix = " (keeping the previous version running)" if kept is not None else ""
+        for field_path, message in shape:
+            self._error(state, ManifestError(where, field_path, message + suffix))
+        if kept is not None:
+            state.pods.append(kept)
 
     def _add_pod(self, state: _FileState, where: str, path: str, doc: dict, previous: dict) -> None:
         pod = apply_defaults(doc)
         problems = validate_pod(pod)
-        identity_fields = ("kind", "apiVersion", "metadata.name", "metadata.namespace")
-        fatal = [e for e in problems if e.field in identity_fields]
+        fatal = [e for e in problems if _is_identity_error(e)]
         if fatal:
             for e in fatal:
                 self._error(state, ManifestError(where, e.field, e.message))
@@ -274,7 +374,7 @@ class ManifestSource:
             for e in blocking:
                 self._error(state, ManifestError(where, e.field, e.message))
             message = "; ".join(str(e) for e in blocking)
-            state.rejected[pod["metadata"]["uid"]] = (pod, f"invalid manifest {where}: {message}")
+            state.rejected[pod["metadata"]["uid"]] = (_displayable(pod), f"invalid manifest {where}: {message}")
             return
         state.pods.append(pod)
 
@@ -286,7 +386,9 @@ class ManifestSource:
         meta["name"] = f"{meta['name']}-{self.node_name}"
         meta["uid"] = uid
         meta.setdefault("creationTimestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        annotations = meta.setdefault("annotations", {})
+        if meta.get("annotations") is None:  # absent or null
+            meta["annotations"] = {}
+        annotations = meta["annotations"]
         annotations[CONFIG_SOURCE_ANNOTATION] = "file"
         annotations[CONFIG_HASH_ANNOTATION] = uid
         annotations[CONFIG_SEEN_ANNOTATION] = time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime())
@@ -309,7 +411,7 @@ class ManifestSource:
                                   f"duplicate pod {ns}/{name}: already defined in {other_key}; ignoring this one"),
                 )
 
-    def _keep_old(self, path: Path, stamp, old: _FileState | None, err: ManifestError) -> _FileState:
+    def _keep_old(self, path: Path, stamp: tuple[int, ...], old: _FileState | None, err: ManifestError) -> _FileState:
         kept = old.pods if old else []
         suffix = f" (keeping {len(kept)} pod(s) from its last good version)" if kept else ""
         log.error("bad manifest" + suffix, file=err.path, field=err.field or None, error=str(err))

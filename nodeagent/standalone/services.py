@@ -73,7 +73,10 @@ class StandaloneServiceFeed:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
-            self.recompute()
+            try:
+                self.recompute()
+            except Exception:  # never end the feed (and the agent): retry on the next change
+                log.exception("service recompute failed; keeping the proxy's current state")
             await asyncio.sleep(0.05)  # coalesce bursts of pod updates
 
     def recompute(self) -> None:

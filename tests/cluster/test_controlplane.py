@@ -859,7 +859,8 @@ async def test_kubectl_apply_get_describe_delete(controlplane, kubectl, tmp_path
                    for line in text.splitlines())
 
         res = await kubectl("delete", "pod", "web", timeout=30)
-        assert res.stdout.strip() == 'pod "web" deleted'
+        # kubectl >= 1.34 names the namespace
+        assert res.stdout.strip() in ('pod "web" deleted', 'pod "web" deleted from default namespace')
         assert controlplane.object("pods", "web", "default") is None
         res = await kubectl("get", "pods")
         assert res.stdout == "" and "No resources found in default namespace." in res.stderr
@@ -912,7 +913,7 @@ async def test_kubectl_nodes_leases_configmaps_secrets(controlplane, kubectl):
     res = await kubectl("get", "cm,secret")
     assert "configmap/cfg" in res.stdout and "secret/sec" in res.stdout
     res = await kubectl("delete", "configmap", "cfg")
-    assert res.stdout.strip() == 'configmap "cfg" deleted'
+    assert res.stdout.strip() in ('configmap "cfg" deleted', 'configmap "cfg" deleted from default namespace')
     res = await kubectl("get", "configmap", "cfg", check=False)
     assert res.returncode == 1 and 'configmaps "cfg" not found' in res.stderr
 

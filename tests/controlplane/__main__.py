@@ -19,7 +19,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      description="Kubernetes API server for nodeagent tests")
     parser.add_argument("--port", type=int, default=0, help="listen port on 127.0.0.1 (0: random)")
     parser.add_argument("--state-dir", default=None,
-                        help="where the CA, certificates and kubeconfigs go (default: a temp dir)")
+                        help="CA, keys, kubeconfigs and objects, kept across restarts (default: a temp dir)")
     parser.add_argument("--bookmark-interval", type=float, default=60.0,
                         help="seconds between watch BOOKMARK events")
     parser.add_argument("--auto-approve-csrs", action="store_true",

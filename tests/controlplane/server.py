@@ -30,6 +30,7 @@ from .auth import ANONYMOUS, Authenticator, Unauthorized, authorize
 from .errors import ApiStatusError, expired
 from .pki import CertificateAuthority, CSRSigningError, csr_subject
 from .resources import ResourceType
+from . import persist
 from .store import Store, TooOldResourceVersion, Watcher
 from .tokens import (BOOTSTRAP_SECRET_PREFIX, BOOTSTRAP_SECRET_TYPE, BOOTSTRAP_TOKEN, ServiceAccountSigner,
                      detached_jws, new_bootstrap_token)
@@ -84,12 +85,23 @@ class ControlPlane:
         self.options = options or Options()
         self.bookmark_interval = bookmark_interval
         self.min_request_timeout = min_request_timeout
-        self.ca = CertificateAuthority.generate()
-        self.sa_signer = ServiceAccountSigner()
+        # A given state dir is kept across restarts: CA, signing key, admin token and the
+        # object store (tests/controlplane/persist.py), so joined nodes stay joined.
+        self._persistent = not self._own_state_dir
+        if self._persistent:
+            self.ca = persist.load_or_create_ca(self.state_dir)
+            self.sa_signer = ServiceAccountSigner(persist.load_or_create_sa_key(self.state_dir))
+        else:
+            self.ca = CertificateAuthority.generate()
+            self.sa_signer = ServiceAccountSigner()
         self.store = Store(history_limit=history_limit, watcher_buffer=watcher_buffer)
+        self.restored = self._persistent and persist.load_store(self.store, self.state_dir)
+        self._store_dirty = asyncio.Event()
         self.api = Api(self.store, self.options, ca_pem=self.ca.cert_pem, sign_csr=self._sign_csr,
                        token_signer=self.sa_signer)
         self.admin_token = admin_token or base64.b32encode(os.urandom(20)).decode().lower()
+        if self._persistent:
+            self.admin_token = persist.load_or_create_admin_token(self.state_dir, admin_token, self.admin_token)
         self.authenticator = Authenticator(self.store, {self.admin_token: ADMIN}, self.sa_signer)
         self.request_counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self._faults: list[_InjectedFault] = []
@@ -148,8 +160,19 @@ class ControlPlane:
         self._update_cluster_info()
         self._background = [asyncio.create_task(self._controllers(), name="controlplane-controllers"),
                             asyncio.create_task(self._namespace_loop(), name="controlplane-namespaces")]
+        if self._persistent:
+            self.store.listeners.append(lambda _event: self._store_dirty.set())
+            self._background.append(asyncio.create_task(self._save_loop(), name="controlplane-persist"))
+            persist.save_store(self.store, self.state_dir)
         log.info("controlplane.started", url=self.url, state_dir=str(self.state_dir))
         return self
+
+    async def _save_loop(self) -> None:
+        while True:
+            await self._store_dirty.wait()
+            await asyncio.sleep(0.5)  # coalesce bursts of writes
+            self._store_dirty.clear()
+            persist.save_store(self.store, self.state_dir)
 
     async def _start_site(self) -> None:
         assert self._runner is not None
@@ -170,6 +193,8 @@ class ControlPlane:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._background = []
+        if self._persistent:
+            persist.save_store(self.store, self.state_dir)
         self.store.close_watchers()
         if self._runner is not None:
             await self._runner.cleanup()

@@ -208,3 +208,65 @@ async def test_closed_runtime_is_unavailable():
     await rt.close()
     with pytest.raises(RuntimeUnavailable):
         await rt.version()
+
+
+async def test_event_stream_survives_long_lines_and_bad_json(fake_engine, make_runtime):
+    """A 5 MB event line (a huge annotation) and garbage lines are skipped as they
+    arrive, with a resync marker; the events after them still come through."""
+    from runtime.engine import MAX_STREAM_LINE
+    from runtime.types import RESYNC_ACTION
+
+    def event(uid: str) -> bytes:
+        return json.dumps({"Type": "container", "Action": "start",
+                           "Actor": {"ID": "c" * 64, "Attributes": {"io.kubernetes.pod.uid": uid}}}).encode()
+
+    huge = json.dumps({"Type": "container", "Action": "start",
+                       "Actor": {"ID": "d" * 64, "Attributes": {"x": "a" * (5 * 1024 * 1024)}}}).encode()
+    assert len(huge) > MAX_STREAM_LINE
+    body = (event("uid-1") + b"\n" + huge + b"\n" + b"{not json\n" + b"[1, 2]\n" + b'{"Actor": "x", "Action": 3}\n'
+            + event("uid-2") + b"\n")
+
+    async def serve(reader, writer) -> None:
+        path = await _read_request(reader)
+        if "/version" in path:
+            writer.write(_json_response({"ApiVersion": "1.41", "Version": "20.10.24"}))
+            await writer.drain()
+            await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        for i in range(0, len(body), 100_000):  # split lines across chunks
+            piece = body[i:i + 100_000]
+            writer.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+
+    rt = make_runtime(docker_url=await fake_engine(serve), call_timeout=5.0)
+    seen: list[RuntimeEvent] = []
+    with pytest.raises(RuntimeUnavailable):  # the clean end is still an end, for the PLEG to reopen
+        async for item in rt.events():
+            seen.append(item)
+    resync = RuntimeEvent(pod_uid="", container_id="", action=RESYNC_ACTION)
+    assert seen == [RuntimeEvent(pod_uid="uid-1", container_id="c" * 64, action="start"),
+                    resync, resync, resync,
+                    RuntimeEvent(pod_uid="uid-2", container_id="c" * 64, action="start")]
+
+
+async def test_iter_json_lines_holds_at_most_the_line_limit():
+    """The reader never buffers more than max_line of one line."""
+    from runtime.engine import SKIPPED_LINE, iter_json_lines
+
+    class Content:
+        def __init__(self, chunks):
+            self.chunks = list(chunks)
+
+        async def readany(self):
+            return self.chunks.pop(0) if self.chunks else b""
+
+    class Response:
+        def __init__(self, chunks):
+            self.content = Content(chunks)
+
+    chunks = [b'{"a": 1}\n{"b": ', b"2" * 5000, b"}\n", b'{"c": 3}', b"\n", b'{"d": 4}']
+    got = [obj async for obj in iter_json_lines(Response(chunks), "test", max_line=1000)]
+    assert got == [{"a": 1}, SKIPPED_LINE, {"c": 3}, {"d": 4}]
