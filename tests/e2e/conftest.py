@@ -130,7 +130,7 @@ class AgentProcess:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(5)
+                self.proc.wait(60)  # a loaded machine can take long to reap it
 
     # --- manifests -----------------------------------------------------------------
 
