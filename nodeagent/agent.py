@@ -12,7 +12,10 @@ import structlog
 
 from netplugin.podnet import BridgeNetwork
 from nodeagent.backoff import Backoff
-from nodeagent.config import Settings
+from nodeagent.config import Settings, container_log_max_bytes
+from nodeagent.kubelet.dns import DNSSettings
+from nodeagent.kubelet.logs import ContainerLogs
+from nodeagent.kubelet.security import SecurityPolicy
 from nodeagent.kubelet.kubelet import Kubelet
 from nodeagent.standalone.manifests import ManifestSnapshot, ManifestSource
 from nodeagent.kubelet.pleg import PLEG
@@ -68,6 +71,8 @@ class Agent:
             settings.node_name,
             docker_url=settings.docker_url,
             call_timeout=settings.runtime_call_timeout,
+            log_max_size=container_log_max_bytes(settings),
+            log_max_files=settings.container_log_max_files,
         )
         self.images = DockerImageService(
             self.runtime, pull_timeout=settings.image_pull_timeout
@@ -101,6 +106,13 @@ class Agent:
             on_forget=self._on_forget,
             events=self.cluster.events if self.cluster else None,
             env_sources=self.cluster.env_sources if self.cluster else None,
+            security=SecurityPolicy(
+                seccomp_profile_root=settings.seccomp_profile_root or str(root / "seccomp"),
+                allowed_unsafe_sysctls=tuple(settings.allowed_unsafe_sysctls),
+                seccomp_default=settings.seccomp_default,
+            ),
+            dns=DNSSettings(cluster_dns=tuple(settings.cluster_dns), cluster_domain=settings.cluster_domain,
+                            resolv_conf=settings.resolv_conf),
         )
         self.workers = PodWorkers(self.cluster.syncer if self.cluster else self.kubelet)
         self.pleg = PLEG(
@@ -126,6 +138,7 @@ class Agent:
             proxy=self.proxy.describe if self.proxy else None,
             checks={"ping": lambda: (True, "ok"), "pleg": self.pleg.healthy,
                     "network": self._network_health},
+            container_logs=ContainerLogs(self.runtime, self.pod_list).handler,
         )
         self._file_pods: set[str] = set()
         self._sandbox_image_id: str | None = None
