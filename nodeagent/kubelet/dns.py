@@ -92,11 +92,32 @@ def parse_resolv_conf(text: str) -> ResolvConf:
     return conf
 
 
-def read_host_resolv_conf(path: str) -> ResolvConf:
+SYSTEMD_RESOLVED_UPSTREAM = "/run/systemd/resolve/resolv.conf"
+DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
+
+
+def _loopback(address: str) -> bool:
     try:
-        return parse_resolv_conf(Path(path).read_text(errors="replace"))
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def read_host_resolv_conf(path: str) -> ResolvConf:
+    """The host's resolver config. With the default path pointing at systemd-resolved's
+    stub (127.0.0.53, unreachable from a pod's network namespace), its upstream file is
+    used instead, as kubeadm configures kubelet's resolvConf on such hosts."""
+    try:
+        conf = parse_resolv_conf(Path(path).read_text(errors="replace"))
     except FileNotFoundError:
         return ResolvConf()
+    if (path == DEFAULT_RESOLV_CONF and conf.nameservers and all(_loopback(ns) for ns in conf.nameservers)
+            and os.path.exists(SYSTEMD_RESOLVED_UPSTREAM)):
+        try:
+            return parse_resolv_conf(Path(SYSTEMD_RESOLVED_UPSTREAM).read_text(errors="replace"))
+        except OSError:
+            pass
+    return conf
 
 
 # --- names ---------------------------------------------------------------------------

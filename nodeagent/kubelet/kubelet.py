@@ -141,6 +141,7 @@ class Kubelet:
         self.security = security or pod_security.SecurityPolicy()
         self.dns = dns or pod_dns.DNSSettings()
         self.termination_messages = TerminationMessages(runtime)
+        self._dns_warned: set[str] = set()
 
     # --- desired state -------------------------------------------------------------
 
@@ -312,8 +313,11 @@ class Kubelet:
             for start in to_start:
                 waiting[start.name] = ("ContainerCreating", message)
             return 10.0
-        for reason, message in dns_warnings:
-            self.events.event(pod, WARNING, reason, message)
+        if sandbox.id not in self._dns_warned:
+            # Once per sandbox, as kubelet forms a pod's DNS config at sandbox creation.
+            self._dns_warned.add(sandbox.id)
+            for reason, message in dns_warnings:
+                self.events.event(pod, WARNING, reason, message)
         requeue: float | None = None
         for start in to_start:
             problem = await self._start_one(pod, sandbox, specs[start.name], start, volume_paths, pod_ip,
@@ -453,6 +457,7 @@ class Kubelet:
         await self.volumes.teardown(uid)
         self.termination_messages.forget_pod(c.id for c in containers)
         self._network_ready.difference_update(s.id for s in sandboxes)
+        self._dns_warned.difference_update(s.id for s in sandboxes)
         self.backoff.gc({k for k in self.pods if k != uid})
         self.pull_backoff.gc({k for k in self.pods if k != uid})
         log.info("pod removed", pod_uid=uid, pod=_fmt(pod) if pod else None)

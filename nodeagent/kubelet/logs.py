@@ -195,19 +195,25 @@ class ContainerLogs:
                  for c in spec.get(key) or [] if isinstance(c, dict)]
         if container not in names:
             raise LogsError(400, f"container {container} is not valid for pod {pod_name}")
-        uid = (pod.get("metadata") or {}).get("uid", "")
-        instances = [c for c in await self.runtime.list_containers(uid) if c.name == container]
-        instances.sort(key=lambda c: (c.attempt, c.created_at))
+        # kubelet's validateContainerLogStatus: the IDs come from the pod's status.
+        status = next((cs for key in ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses")
+                       for cs in (pod.get("status") or {}).get(key) or [] if cs.get("name") == container), {})
+        state = status.get("state") or {}
+        last = (status.get("lastState") or {}).get("terminated") or {}
         if previous:
-            # The instance before the newest one: kubelet's "previous terminated container".
-            dead = [c for c in instances[:-1] if c.state == ContainerState.EXITED]
-            if not dead:
+            cid = last.get("containerID")
+            if not cid:
                 raise LogsError(400, f'previous terminated container "{container}" in pod "{pod_name}" not found')
-            return dead[-1].id
-        if not instances:
-            reason = _waiting_reason(pod, container)
+        elif state.get("running") is not None and status.get("containerID"):
+            cid = status["containerID"]
+        elif (state.get("terminated") or {}).get("containerID"):
+            cid = state["terminated"]["containerID"]
+        elif last.get("containerID"):
+            cid = last["containerID"]  # waiting in back-off: the last run's log
+        else:
+            reason = ((state.get("waiting") or {}).get("reason")) or "ContainerCreating"
             raise LogsError(400, f'container "{container}" in pod "{pod_name}" is waiting to start: {reason}')
-        return instances[-1].id
+        return cid.partition("://")[2] or cid
 
     async def stream(self, container_id: str, options: LogOptions) -> AsyncIterator[bytes]:
         async for piece in read_logs(self.runtime, container_id, follow=options.follow, tail=options.tail,
@@ -237,7 +243,8 @@ class ContainerLogs:
                 await response.write(piece)
         except NotFound:
             if not started:
-                return web.Response(status=404, text=f"container {info['container']} not found\n")
+                return web.Response(status=404, text=f"container {info['container']} of pod {info['pod']} "
+                                                     "no longer exists on this node\n")
         except (RuntimeError_, ConnectionResetError) as exc:
             if not started:
                 return web.Response(status=503, text=f"{exc}\n")
@@ -247,14 +254,3 @@ class ContainerLogs:
             await response.prepare(request)
         await response.write_eof()
         return response
-
-
-def _waiting_reason(pod: dict, container: str) -> str:
-    status = pod.get("status") or {}
-    for key in ("initContainerStatuses", "containerStatuses"):
-        for cs in status.get(key) or []:
-            if cs.get("name") == container:
-                waiting = (cs.get("state") or {}).get("waiting") or {}
-                if waiting.get("reason"):
-                    return waiting["reason"]
-    return "ContainerCreating"
