@@ -137,7 +137,7 @@ def validate_allowed_unsafe_sysctls(patterns: list[str] | tuple[str, ...]) -> No
         base = name[:-1] if name.endswith("*") else name
         if not base or "*" in base:
             raise ValueError(f"{pattern!r}: only a trailing '*' is allowed")
-        if sysctl_namespace(base) is None and not any(p.startswith(base) for p in _IPC_PREFIXES + _IPC_NAMES):
+        if sysctl_namespace(base) is None:
             raise ValueError(f"{pattern!r} is not a namespaced sysctl (kernel.shm*, kernel.msg*, "
                              "kernel.sem, fs.mqueue.*, net.*)")
 
