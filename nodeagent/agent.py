@@ -62,6 +62,17 @@ def detect_host_ip() -> str:
     return "127.0.0.1"
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Agent:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -138,7 +149,10 @@ class Agent:
             proxy=self.proxy.describe if self.proxy else None,
             checks={"ping": lambda: (True, "ok"), "pleg": self.pleg.healthy,
                     "network": self._network_health},
-            container_logs=ContainerLogs(self.runtime, self.pod_list).handler,
+            # Logs may hold secrets: served on this unauthenticated port only when it is
+            # bound to loopback (kubelet serves them only on its authenticated port).
+            container_logs=(ContainerLogs(self.runtime, self.pod_list).handler
+                            if _is_loopback(settings.status_host_port[0]) else None),
         )
         self._file_pods: set[str] = set()
         self._sandbox_image_id: str | None = None

@@ -143,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
                 out.flush()
     except urllib.error.HTTPError as exc:
         message = exc.read().decode(errors="replace").strip()
+        if exc.code == 404 and not message.startswith(("pods", "container")):
+            return _error(f"nodeagent: the agent at {base} does not serve logs (its status address "
+                          "must be a loopback address)")
         kind = {400: "BadRequest", 404: "NotFound"}.get(exc.code, "InternalError")
         return _error(f"Error from server ({kind}): {message}")
     except KeyboardInterrupt:
