@@ -40,6 +40,7 @@ def test_security_context_seen_from_inside(agent_factory, tmp_path):
         "id; grep -E '^(NoNewPrivs|Seccomp|CapEff):' /proc/self/status; "
         "touch /rootfile 2>/dev/null && echo ROOT-WRITABLE || echo ROOT-READONLY; "
         "touch /data/f && stat -c 'file %g' /data/f; stat -c 'dir %g %A' /data; "
+        "stat -L -c 'info %g %a' /info/labels; "
         "echo port $(cat /proc/sys/net/ipv4/ip_unprivileged_port_start); "
         "echo msgmax $(cat /proc/sys/kernel/msgmax); echo DONE; sleep 3600"
     )
@@ -54,7 +55,8 @@ def test_security_context_seen_from_inside(agent_factory, tmp_path):
     secure = pod_manifest(
         "secure",
         [
-            busybox("user", user_script, volumeMounts=[{"name": "data", "mountPath": "/data"}],
+            busybox("user", user_script, volumeMounts=[{"name": "data", "mountPath": "/data"},
+                                                        {"name": "info", "mountPath": "/info"}],
                     securityContext={"readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False}),
             busybox("caps", caps_script, securityContext={
                 "runAsUser": 0, "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]},
@@ -70,7 +72,9 @@ def test_security_context_seen_from_inside(agent_factory, tmp_path):
             "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "100"},
                         {"name": "kernel.msgmax", "value": "12345"}],
         },
-        volumes=[{"name": "data", "emptyDir": {}}],
+        volumes=[{"name": "data", "emptyDir": {}},
+                 {"name": "info", "downwardAPI": {"defaultMode": 0o400, "items": [
+                     {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}}],
     )
     unsafe = pod_manifest("unsafe", [busybox("c", "sleep 3600")],
                           securityContext={"sysctls": [{"name": "kernel.sem", "value": "250 32000 32 128"}]})
@@ -92,6 +96,7 @@ def test_security_context_seen_from_inside(agent_factory, tmp_path):
     assert "ROOT-READONLY" in user
     assert "file 2000" in user  # setgid directory: new files take the fsGroup
     assert "dir 2000 drwxrwsrwx" in user
+    assert "info 2000 440" in user  # content volumes: the group may read, even a 0400 file
     assert "port 100" in user and "msgmax 12345" in user
 
     caps = _wait_done(agent, "secure", "caps")
