@@ -66,6 +66,7 @@ SECCOMP_UNCONFINED = "unconfined"
 # Fields of the pod spec this node has no way to honour, with why; a pod setting them
 # (to anything but a trivially satisfiable value) is refused with the field's name.
 _UNSUPPORTED_REASON = "UnsupportedPodSpec"
+_APPARMOR_ANNOTATION = "container.apparmor.security.beta.kubernetes.io/"
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,12 @@ def admit_pod(pod: dict, policy: SecurityPolicy) -> tuple[str, str] | None:
     if refusal is not None:
         return refusal
     spec = pod.get("spec") or {}
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    for key, value in annotations.items():
+        # The deprecated per-container AppArmor annotation kubelet still honours.
+        if str(key).startswith(_APPARMOR_ANNOTATION) and value != "unconfined":
+            return _UNSUPPORTED_REASON, (f"metadata.annotations[{key}]: AppArmor profile {value!r} needs AppArmor, "
+                                         "which this node does not enforce (only 'unconfined' can be honoured)")
     if spec.get("hostUsers") is False:
         return _UNSUPPORTED_REASON, ("spec.hostUsers: false needs per-pod user namespaces, which this node "
                                      "(Docker) cannot give")

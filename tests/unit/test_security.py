@@ -129,6 +129,15 @@ def test_unsupported_fields_are_refused_by_name(spec_patch, field):
     assert reason == "UnsupportedPodSpec" and field in message
 
 
+def test_apparmor_annotation():
+    p = pod()
+    p["metadata"]["annotations"] = {"container.apparmor.security.beta.kubernetes.io/c": "runtime/default"}
+    reason, message = admit_pod(p, SecurityPolicy())
+    assert "container.apparmor.security.beta.kubernetes.io/c" in message
+    p["metadata"]["annotations"] = {"container.apparmor.security.beta.kubernetes.io/c": "unconfined"}
+    assert admit_pod(p, SecurityPolicy()) is None
+
+
 def test_trivially_satisfiable_fields_are_accepted():
     p = pod([{"name": "c", "securityContext": {"appArmorProfile": {"type": "Unconfined"},
                                                "windowsOptions": {"hostProcess": False}}}],
