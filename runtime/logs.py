@@ -14,6 +14,7 @@ bounded: frames are passed on as they arrive (a json-file line is at most 16 KiB
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -38,6 +39,9 @@ async def read_logs(
     limit_bytes: int | None = None,
 ) -> AsyncIterator[bytes]:
     """Yield the container's log output; raises NotFound for an unknown container.
+
+    Callers that may stop early should close the generator (``contextlib.aclosing``)
+    so the engine connection is released at once.
 
     Containers of other nodes sharing the engine count as unknown.
     """
@@ -94,10 +98,11 @@ async def tail_text(runtime: "DockerRuntime", container_id: str, *, lines: int, 
     (kubelet's FallbackToLogsOnError message). Empty when the container is gone."""
     kept = bytearray()
     try:
-        async for piece in read_logs(runtime, container_id, tail=lines):
-            kept += piece
-            if len(kept) > 2 * max_bytes:
-                del kept[: len(kept) - max_bytes]
+        async with contextlib.aclosing(read_logs(runtime, container_id, tail=lines)) as pieces:
+            async for piece in pieces:
+                kept += piece
+                if len(kept) > 2 * max_bytes:
+                    del kept[: len(kept) - max_bytes]
     except NotFound:
         return ""
     return bytes(kept[-max_bytes:]).decode("utf-8", errors="replace")

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -215,11 +216,11 @@ class ContainerLogs:
             raise LogsError(400, f'container "{container}" in pod "{pod_name}" is waiting to start: {reason}')
         return cid.partition("://")[2] or cid
 
-    async def stream(self, container_id: str, options: LogOptions) -> AsyncIterator[bytes]:
-        async for piece in read_logs(self.runtime, container_id, follow=options.follow, tail=options.tail,
-                                     since=options.since, timestamps=options.timestamps,
-                                     limit_bytes=options.limit_bytes):
-            yield piece
+    def stream(self, container_id: str, options: LogOptions) -> AsyncIterator[bytes]:
+        """The log bytes; close it (``contextlib.aclosing``) when stopping early, so the
+        engine connection is released at once."""
+        return read_logs(self.runtime, container_id, follow=options.follow, tail=options.tail,
+                         since=options.since, timestamps=options.timestamps, limit_bytes=options.limit_bytes)
 
     async def handler(self, request):
         """aiohttp handler for GET /containerLogs/{namespace}/{pod}/{container}."""
@@ -236,11 +237,12 @@ class ContainerLogs:
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
         started = False
         try:
-            async for piece in self.stream(container_id, options):
-                if not started:
-                    await response.prepare(request)
-                    started = True
-                await response.write(piece)
+            async with contextlib.aclosing(self.stream(container_id, options)) as pieces:
+                async for piece in pieces:
+                    if not started:
+                        await response.prepare(request)
+                        started = True
+                    await response.write(piece)
         except NotFound:
             if not started:
                 return web.Response(status=404, text=f"container {info['container']} of pod {info['pod']} "

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 
-from tests.e2e.conftest import REPO, busybox, pod_manifest
+from tests.e2e.conftest import REPO, busybox, docker, pod_manifest
 
 
 def _logs(agent, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -33,8 +34,9 @@ def test_rotation_messages_and_logs_command(agent_factory):
     multi = pod_manifest("multi", [
         busybox("a", "echo from-a; sleep 3600"),
         busybox("b", "echo from-b; sleep 3600"),
-        busybox("crash", "echo run-$(date +%s%N); sleep 1; exit 1"),
-    ])
+        busybox("crash", "n=$(cat /d/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > /d/n; echo run-$n; sleep 1; exit 1",
+                volumeMounts=[{"name": "d", "mountPath": "/d"}]),
+    ], volumes=[{"name": "d", "emptyDir": {}}])
     message = pod_manifest("message", [busybox(
         "c", "echo to-stdout; printf 'all done' > /dev/termination-log; exit 3")], restartPolicy="Never")
     fallback = pod_manifest("fallback", [busybox(
@@ -90,10 +92,18 @@ def test_rotation_messages_and_logs_command(agent_factory):
         cs = {c["name"]: c for c in p["status"]["containerStatuses"]}
         return cs["crash"]["restartCount"] >= 1 and cs["crash"]
     agent.wait_for("crash restarted", restarted)
-    previous = _logs(agent, "multi", "-c", "crash", "--previous")
-    current = _logs(agent, "multi", "-c", "crash")
-    assert previous.returncode == 0 and previous.stdout.startswith(b"run-")
-    assert previous.stdout != current.stdout
+
+    def previous_is_last_state():
+        # --previous reads the instance the pod status names as lastState (kubelet).
+        before = agent.pod("multi")["status"]["containerStatuses"]
+        out = _logs(agent, "multi", "-c", "crash", "--previous")
+        after = agent.pod("multi")["status"]["containerStatuses"]
+        if before != after or out.returncode != 0:
+            return None
+        last = next(c for c in after if c["name"] == "crash")["lastState"]["terminated"]["containerID"]
+        return out.stdout == docker("logs", last.split("://")[1]).encode() and out.stdout
+    previous = agent.wait_for("previous logs", previous_is_last_state)
+    assert re.fullmatch(rb"run-\d+\n", previous)
     out = _logs(agent, "multi", "-c", "a", "--previous")
     assert out.returncode == 1 and b'previous terminated container "a"' in out.stderr
 
