@@ -167,9 +167,12 @@ class Kubelet:
                 pod_dns.kernel_hostname(pod, self.dns.cluster_domain)
             except pod_dns.DNSError as exc:
                 refusal = ("InvalidDNSConfig", str(exc))
-        if refusal is not None and pod["metadata"]["uid"] not in self.pods:
+        if refusal is None:
+            return None
+        if pod["metadata"]["uid"] not in self.pods:
             self.events.event(pod, WARNING, refusal[0], refusal[1])
-        return refusal
+        # kubelet's rejectPod wording for the pod's status message.
+        return refusal[0], "Pod was rejected: " + refusal[1]
 
     def forget(self, uid: str) -> None:
         if self.pods.pop(uid, None) is not None and self._on_forget is not None:

@@ -25,6 +25,7 @@ module owns the same translation for nodeagent:
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import stat
 from dataclasses import dataclass, field
@@ -290,8 +291,6 @@ def load_seccomp_profile(root: str | os.PathLike, relative: str, where: str) -> 
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read seccomp profile {str(path)!r}: {exc.strerror}") from None
     try:
-        import json
-
         json.loads(data)
     except ValueError as exc:
         raise ConfigError(f"{where}: seccomp profile {str(path)!r} is not valid JSON: {exc}") from None
