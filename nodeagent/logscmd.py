@@ -56,6 +56,7 @@ def add_parser(sub) -> None:
                       help="the previous terminated instance of the container")
     logs.add_argument("--tail", type=int, default=-1, help="lines of recent log to show (-1: all)")
     logs.add_argument("--since", help="only logs newer than a relative duration like 5s, 2m or 3h")
+    logs.add_argument("--since-time", help="only logs after an RFC 3339 time (e.g. 2026-01-02T15:04:05Z)")
     logs.add_argument("--timestamps", action="store_true", help="prefix each line with its RFC 3339 time")
     logs.add_argument("--limit-bytes", type=int, default=0, help="maximum bytes of logs to return (0: no limit)")
     logs.add_argument("--status-address", default="127.0.0.1:10255",
@@ -128,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             return _error(f"error: invalid argument {args.since!r} for \"--since\" flag: {exc}")
         query["sinceSeconds"] = str(max(1, int(seconds + 0.999)))
+    if args.since_time:
+        if args.since:
+            return _error("error: at most one of `sinceTime` or `sinceSeconds` may be specified")
+        query["sinceTime"] = args.since_time
     name = pod["metadata"]["name"]
     path = "/containerLogs/{}/{}/{}".format(*(urllib.parse.quote(p, safe="") for p in (args.namespace, name,
                                                                                           container)))
