@@ -12,13 +12,16 @@ import structlog
 
 from netplugin.podnet import BridgeNetwork
 from nodeagent.backoff import Backoff
-from nodeagent.config import Settings
 from nodeagent.eviction import EvictionManager, parse_thresholds
 from nodeagent.eviction.signals import observe as observe_signals
 from nodeagent.eviction.usage import RuntimePodUsage
 from nodeagent.images import PullCredentials
 from nodeagent.kubelet.servicelinks import ServiceEnv
 from nodeagent.images.gc import DockerImageRuntime, ImageGC
+from nodeagent.config import Settings, container_log_max_bytes
+from nodeagent.kubelet.dns import DNSSettings
+from nodeagent.kubelet.logs import ContainerLogs
+from nodeagent.kubelet.security import SecurityPolicy
 from nodeagent.kubelet.kubelet import Kubelet
 from nodeagent.standalone.manifests import ManifestSnapshot, ManifestSource
 from nodeagent.kubelet.pleg import PLEG
@@ -75,6 +78,17 @@ def detect_host_ip() -> str:
     return "127.0.0.1"
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Agent:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -84,6 +98,8 @@ class Agent:
             settings.node_name,
             docker_url=settings.docker_url,
             call_timeout=settings.runtime_call_timeout,
+            log_max_size=container_log_max_bytes(settings),
+            log_max_files=settings.container_log_max_files,
         )
         self.images = DockerImageService(
             self.runtime, pull_timeout=settings.image_pull_timeout,
@@ -122,6 +138,13 @@ class Agent:
             pull_credentials=PullCredentials(
                 settings.image_credential_file,
                 secrets=self.cluster.env_sources if self.cluster else None),
+            security=SecurityPolicy(
+                seccomp_profile_root=settings.seccomp_profile_root or str(root / "seccomp"),
+                allowed_unsafe_sysctls=tuple(settings.allowed_unsafe_sysctls),
+                seccomp_default=settings.seccomp_default,
+            ),
+            dns=DNSSettings(cluster_dns=tuple(settings.cluster_dns), cluster_domain=settings.cluster_domain,
+                            resolv_conf=settings.resolv_conf),
         )
         self.workers = PodWorkers(self.cluster.syncer if self.cluster else self.kubelet)
         self.pleg = PLEG(
@@ -163,6 +186,10 @@ class Agent:
                     "network": self._network_health,
                     **({"manifests": self.manifests.health} if self.manifests else {})},
             info=lambda: self.eviction.describe(),
+            # Logs may hold secrets: served on this unauthenticated port only when it is
+            # bound to loopback (kubelet serves them only on its authenticated port).
+            container_logs=(ContainerLogs(self.runtime, self.pod_list).handler
+                            if _is_loopback(settings.status_host_port[0]) else None),
         )
         self._file_pods: set[str] = set()
         self._sandbox_image_id: str | None = None

@@ -1,4 +1,4 @@
-"""`nodeagent` command line: run, proxy show, cleanup, version."""
+"""`nodeagent` command line: run, proxy show, logs, cleanup, version."""
 
 from __future__ import annotations
 
@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--bridge-name", help="pod bridge (default nabr0)")
     cleanup.add_argument("--proxy-table", help="nftables table (default nodeagent)")
 
+    from nodeagent import logscmd
+
+    logscmd.add_parser(sub)
+
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -91,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "proxy":
         return _proxy_show(args.status_address)
+    if args.command == "logs":
+        from nodeagent import logscmd
+
+        return logscmd.run(args)
     if args.command == "cleanup":
         try:
             return asyncio.run(_cleanup(args))

@@ -73,6 +73,20 @@ class Settings:
     # uses the Node's spec.podCIDR); with the API unreachable the network starts after
     # this long with the last known (or configured) pod CIDR, and registration goes on.
     node_registration_wait: float = 10.0
+    # --- pod DNS (kubelet's clusterDNS, clusterDomain, resolvConf) ---
+    cluster_dns: list[str] = field(default_factory=list)
+    cluster_domain: str = "cluster.local"
+    resolv_conf: str = "/etc/resolv.conf"
+    # --- security contexts ---
+    # Localhost seccomp profiles are read from here (default <root-dir>/seccomp).
+    seccomp_profile_root: str | None = None
+    # kubelet's seccompDefault: RuntimeDefault for containers without a profile.
+    seccomp_default: bool = False
+    # kubelet's allowedUnsafeSysctls: namespaced sysctls (or prefixes ending in *).
+    allowed_unsafe_sysctls: list[str] = field(default_factory=list)
+    # --- container logs (kubelet's containerLogMaxSize / containerLogMaxFiles) ---
+    container_log_max_size: str = "10Mi"
+    container_log_max_files: int = 5
 
     @property
     def status_host_port(self) -> tuple[str, int]:
@@ -91,7 +105,17 @@ def _key(name: str) -> str:
     return name.replace("-", "_")
 
 
+_LIST_SETTINGS = ("cluster_dns", "allowed_unsafe_sysctls")
+
+
 def _coerce(name: str, value: Any, origin: str) -> Any:
+    if name in _LIST_SETTINGS:
+        # A YAML list, or "a,b" as on kubelet's command line.
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"{origin}: {name.replace('_', '-')}: expected a list of strings, got {value!r}")
     default = _FIELDS[name].default
     kind = type(default) if default is not dataclasses.MISSING and default is not None else str
     if name == "node_name":
@@ -201,8 +225,43 @@ def validate(s: Settings) -> None:
         parse_node_labels(s.node_labels)
     except ValueError as exc:
         raise ConfigError(f"node-labels: {exc}") from None
+    _validate_pod_settings(s)
     if s.manifest_dir is None and s.kubeconfig is None:
         raise ConfigError("nothing to run: give --manifest-dir, --kubeconfig, or both")
+
+
+def _validate_pod_settings(s: Settings) -> None:
+    """cluster-dns, cluster-domain, allowed-unsafe-sysctls, container log rotation."""
+    from nodeagent.api.podspec import is_dns1123_subdomain
+    from nodeagent.api.quantity import QuantityError, parse_quantity
+    from nodeagent.kubelet.security import validate_allowed_unsafe_sysctls
+
+    for address in s.cluster_dns:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ConfigError(f"cluster-dns: {address!r} is not an IP address") from None
+    if not is_dns1123_subdomain(s.cluster_domain.rstrip(".")):
+        raise ConfigError(f"cluster-domain: {s.cluster_domain!r} is not a DNS domain")
+    try:
+        validate_allowed_unsafe_sysctls(s.allowed_unsafe_sysctls)
+    except ValueError as exc:
+        raise ConfigError(f"allowed-unsafe-sysctls: {exc}") from None
+    try:
+        size = parse_quantity(s.container_log_max_size)
+    except QuantityError as exc:
+        raise ConfigError(f"container-log-max-size: {exc}") from None
+    if size < 16 * 1024:
+        raise ConfigError(f"container-log-max-size: {s.container_log_max_size!r} is too small (at least 16Ki)")
+    if s.container_log_max_files < 2:
+        raise ConfigError(f"container-log-max-files: must be at least 2 (kubelet's minimum), "
+                          f"got {s.container_log_max_files}")
+
+
+def container_log_max_bytes(s: Settings) -> int:
+    from nodeagent.api.quantity import parse_quantity
+
+    return int(parse_quantity(s.container_log_max_size))
 
 
 def parse_node_labels(text: str) -> dict[str, str]:

@@ -31,6 +31,7 @@ from runtime.imageref import parse_image_ref
 from runtime.timeutil import parse_docker_time
 from runtime.types import (
     ContainerConfig,
+    ContainerConfigRefused,
     ContainerState,
     ContainerStatus,
     CreateContainerError,
@@ -156,9 +157,13 @@ class DockerRuntime:
         call_timeout: float = 30.0,
         *,
         allow_negative_oom_score_adj: bool | None = None,
+        log_max_size: int | None = 10 * 1024 * 1024,
+        log_max_files: int | None = 5,
     ) -> None:
         """``allow_negative_oom_score_adj``: None = detect (see can_lower_oom_score_adj);
-        when False, negative values are raised to 0 instead of failing every start."""
+        when False, negative values are raised to 0 instead of failing every start.
+        ``log_max_size``/``log_max_files``: json-file log rotation of every container
+        (kubelet's containerLogMaxSize 10Mi / containerLogMaxFiles 5)."""
         if not isinstance(node_name, str) or not node_name:
             raise ValueError(f"node_name must be a non-empty string, got {node_name!r}")
         self.node_name = node_name
@@ -168,6 +173,14 @@ class DockerRuntime:
             else allow_negative_oom_score_adj
         )
         self.engine = Engine(docker_url, call_timeout=call_timeout)
+        # Always json-file, whatever the daemon's default driver: logs are read back
+        # through the engine (runtime.logs) and rotated like kubelet's.
+        log_opts: dict[str, str] = {}
+        if log_max_size:
+            log_opts["max-size"] = str(int(log_max_size))
+            if log_max_files:
+                log_opts["max-file"] = str(int(log_max_files))
+        self.log_config: dict[str, Any] = {"Type": "json-file", "Config": log_opts}
         # container id -> (docker type, list-reported state, status built from inspect)
         self._status_cache: dict[str, tuple[str, str, ContainerStatus | SandboxStatus | None]] = {}
         # image id -> (expires at, RepoDigests)
@@ -240,6 +253,8 @@ class DockerRuntime:
         if config.cgroup_parent:
             host_config["CgroupParent"] = config.cgroup_parent
             sandbox_labels[L.CGROUP_PARENT] = config.cgroup_parent
+        if config.sysctls:
+            host_config["Sysctls"] = {str(k): str(v) for k, v in config.sysctls.items()}
         body: dict[str, Any] = {
             "Image": image,
             "Labels": sandbox_labels,
@@ -352,6 +367,10 @@ class DockerRuntime:
             host_config["PidMode"] = "host"
         elif sandbox_labels.get(L.SHARE_PID) == "true":
             host_config["PidMode"] = join
+        host_config["LogConfig"] = self.log_config
+        self._security(host_config, config)
+        if config.run_as_non_root:
+            await self._verify_non_root(config, what)
         if sandbox_labels.get(L.CGROUP_PARENT):
             host_config["CgroupParent"] = sandbox_labels[L.CGROUP_PARENT]
         res = config.resources
@@ -542,6 +561,47 @@ class DockerRuntime:
             if ":" in path:
                 raise CreateContainerError(f"{what}: mount {label} {path!r} may not contain ':'")
         return f"{host_path}:{container_path}" + (":ro" if read_only else "")
+
+    @staticmethod
+    def _security(host_config: dict[str, Any], config: ContainerConfig) -> None:
+        """The container's Linux security settings, as cri-dockerd passes them."""
+        if config.supplemental_groups:
+            host_config["GroupAdd"] = [str(int(g)) for g in config.supplemental_groups]
+        if config.cap_add:
+            host_config["CapAdd"] = list(config.cap_add)
+        if config.cap_drop:
+            host_config["CapDrop"] = list(config.cap_drop)
+        if config.read_only_rootfs:
+            host_config["ReadonlyRootfs"] = True
+        security_opt: list[str] = []
+        if config.no_new_privileges:
+            security_opt.append("no-new-privileges")
+        if config.seccomp is not None:
+            security_opt.append(f"seccomp={config.seccomp}")
+        if security_opt:
+            host_config["SecurityOpt"] = security_opt
+        if config.unmasked_proc:
+            host_config["MaskedPaths"] = []
+            host_config["ReadonlyPaths"] = []
+
+    async def _verify_non_root(self, config: ContainerConfig, what: str) -> None:
+        """kubelet's verifyRunAsNonRoot: without runAsUser, the image's USER decides."""
+        if config.run_as_user is not None:
+            if int(config.run_as_user) == 0:
+                raise ContainerConfigRefused(f"container {config.name!r} has runAsNonRoot and runAsUser 0: "
+                                             "it would run as root")
+            return
+        try:
+            info = await self.engine.call(f"{what}: inspect image", "GET", f"images/{config.image}/json")
+        except NotFound:
+            raise CreateContainerError(f"{what}: image {config.image!r} is not present") from None
+        user = str((info.get("Config") or {}).get("User") or "").partition(":")[0]
+        if not user or user == "0" or user == "root":
+            raise ContainerConfigRefused("container has runAsNonRoot and image will run as root "
+                                         f"(container {config.name!r}, image {config.image!r})")
+        if not user.isdigit():
+            raise ContainerConfigRefused(f"container has runAsNonRoot and image has non-numeric user ({user}), "
+                                         f"cannot verify user is non-root (container {config.name!r})")
 
     @staticmethod
     def _user(uid: int | None, gid: int | None) -> str | None:

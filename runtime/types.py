@@ -48,6 +48,15 @@ class InvalidImageName(ImageError):
 class CreateContainerError(RuntimeError_):
     """The engine refused to create the container (bad config, missing mount...)."""
 
+    reason = "CreateContainerError"
+
+
+class ContainerConfigRefused(CreateContainerError):
+    """The shim refused the config before asking the engine (e.g. runAsNonRoot with an
+    image that runs as root): kubelet's CreateContainerConfigError."""
+
+    reason = "CreateContainerConfigError"
+
 
 class ContainerState(str, enum.Enum):
     CREATED = "created"
@@ -112,6 +121,9 @@ class SandboxConfig:
     dns_servers: list[str] = field(default_factory=list)
     dns_searches: list[str] = field(default_factory=list)
     cgroup_parent: str | None = None
+    # Namespaced sysctls (net.*, kernel.shm*...) set in the sandbox's namespaces, which
+    # every container of the pod joins.
+    sysctls: dict[str, str] = field(default_factory=dict)
     # Published by the kubelet side for hostPort bookkeeping, never used by Docker here.
     port_mappings: list[dict] = field(default_factory=list)
 
@@ -139,6 +151,20 @@ class ContainerConfig:
     privileged: bool = False
     run_as_user: int | None = None
     run_as_group: int | None = None
+    # Refuse to create when the process would run as uid 0 (the image's USER counts
+    # when run_as_user is None).
+    run_as_non_root: bool = False
+    supplemental_groups: list[int] = field(default_factory=list)
+    # Capability names with the CAP_ prefix, or "ALL"; applied to the engine's default
+    # set: drop first, then add.
+    cap_add: list[str] = field(default_factory=list)
+    cap_drop: list[str] = field(default_factory=list)
+    read_only_rootfs: bool = False
+    no_new_privileges: bool = False
+    # None: the engine's default seccomp profile; "unconfined"; else a profile's JSON.
+    seccomp: str | None = None
+    # No masked or read-only paths in /proc (procMount: Unmasked).
+    unmasked_proc: bool = False
     # Extra labels (e.g. io.kubernetes.container.restartCount) written verbatim.
     labels: dict[str, str] = field(default_factory=dict)
     # "init" | "sidecar" | "app": which list of the pod spec this container came from.
@@ -176,6 +202,9 @@ class ContainerStatus:
     oom_killed: bool = False
     # Docker's error text when the process could not start (ContainerCannotRun).
     error: str = ""
+    # The termination message of an exited container (CRI's ContainerStatus.message),
+    # filled in by the kubelet side from the container's terminationMessagePath file.
+    message: str = ""
     spec_hash: str = ""
     kind: str = "app"
     sandbox_id: str = ""

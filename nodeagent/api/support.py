@@ -4,7 +4,10 @@ with a reason naming the field (as kubelet refuses features a node lacks).
 
 ``unsupported(pod)`` returns the refusals; ``validate_pod`` adds them to its errors, so
 a manifest is shown Failed/InvalidManifest and an API pod is rejected at admission.
-The table in docs/ARCHITECTURE.md is this module in prose.
+Security-context and DNS fields the node cannot honour (seLinuxOptions, AppArmor,
+``hostUsers: false``, unsafe sysctls ...) are refused by the kubelet's admission
+(``nodeagent/kubelet/security.py``, ``dns.py``) with kubelet's reasons. The table in
+docs/ARCHITECTURE.md is this module in prose.
 """
 
 from __future__ import annotations
@@ -48,8 +51,6 @@ def unsupported(pod: dict) -> list[tuple[str, str]]:
     if _set(spec.get("resources")):
         out.append(("spec.resources", "pod-level resources are not supported by this node; "
                                       "set resources per container"))
-    if spec.get("hostUsers") is False:
-        out.append(("spec.hostUsers", "user namespaces are not supported by this node"))
     os_name = (spec.get("os") or {}).get("name") if isinstance(spec.get("os"), dict) else None
     if os_name not in (None, "linux"):
         out.append(("spec.os.name", f"this node runs Linux pods, not {os_name!r}"))

@@ -17,7 +17,7 @@ import posixpath
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
-from typing import Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 
 import psutil
 import structlog
@@ -34,6 +34,9 @@ from nodeagent.api.podspec import (
 )
 from nodeagent.api.quantity import QuantityError, parse_quantity
 from runtime.types import ContainerConfig, Mount, Resources
+
+if TYPE_CHECKING:
+    from nodeagent.kubelet.security import SecurityPolicy
 
 log = structlog.get_logger(__name__)
 
@@ -490,6 +493,7 @@ def build_container_config(
     env_sources: EnvSources | None = None,
     node: NodeResources | None = None,
     service_env: Mapping[str, str] | None = None,
+    security_policy: "SecurityPolicy | None" = None,
 ) -> ContainerConfig:
     """Everything the runtime needs to create ``container`` of ``pod``.
 
@@ -506,13 +510,10 @@ def build_container_config(
     entrypoint, cmd = command_and_args(container, env)
     mounts = container_mounts(pod, container, volume_paths, env)
 
-    pod_sc = spec.get("securityContext") or {}
-    sc = container.get("securityContext") or {}
-    run_as_user = sc.get("runAsUser", pod_sc.get("runAsUser"))
-    run_as_group = sc.get("runAsGroup", pod_sc.get("runAsGroup"))
-    run_as_non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
-    if run_as_non_root and run_as_user == 0:
-        raise ConfigError(f"container {cname!r} has runAsNonRoot and runAsUser 0: it would run as root")
+    # Local import: security.py builds on this module's ConfigError.
+    from nodeagent.kubelet.security import container_security
+
+    security = container_security(pod, container, security_policy)
 
     lifecycle = container.get("lifecycle") or {}
     stop_signal = lifecycle.get("stopSignal") if isinstance(lifecycle.get("stopSignal"), str) else None
@@ -533,9 +534,17 @@ def build_container_config(
         tty=bool(container.get("tty")),
         stdin=bool(container.get("stdin")),
         stdin_once=bool(container.get("stdinOnce")),
-        privileged=bool(sc.get("privileged")),
-        run_as_user=run_as_user,
-        run_as_group=run_as_group,
+        privileged=security.privileged,
+        run_as_user=security.run_as_user,
+        run_as_group=security.run_as_group,
+        run_as_non_root=security.run_as_non_root,
+        supplemental_groups=security.supplemental_groups,
+        cap_add=security.cap_add,
+        cap_drop=security.cap_drop,
+        read_only_rootfs=security.read_only_rootfs,
+        no_new_privileges=security.no_new_privileges,
+        seccomp=security.seccomp,
+        unmasked_proc=security.unmasked_proc,
         labels={},
         kind=kind,
     )

@@ -27,10 +27,18 @@ from nodeagent.kubelet.podstatus import generate_pod_status
 from nodeagent.kubelet.servicelinks import ServiceEnv
 from nodeagent.kubelet.volumes import VolumeManager
 from nodeagent.images import PullCredentials, pull_with_credentials
+from nodeagent.kubelet import dns as pod_dns
+from nodeagent.kubelet import security as pod_security
+from nodeagent.kubelet.logs import (
+    TERMINATION_MESSAGE_LABEL,
+    TerminationMessages,
+    prepare_termination_message_file,
+)
 from runtime.types import (
     ContainerStatus,
     ContainerState,
     CreateContainerError,
+    Mount,
     ImageError,
     ImageService,
     NotFound,
@@ -133,6 +141,8 @@ class Kubelet:
         on_forget: Callable[[str], None] | None = None,
         pull_credentials: PullCredentials | None = None,
         service_env: ServiceEnv | None = None,
+        security: pod_security.SecurityPolicy | None = None,
+        dns: pod_dns.DNSSettings | None = None,
     ) -> None:
         self.node_name = node_name
         self.runtime = runtime
@@ -158,6 +168,10 @@ class Kubelet:
         self._start_times: dict[str, float] = {}
         # Sandbox ids whose network this process has set up or verified.
         self._network_ready: set[str] = set()
+        self.security = security or pod_security.SecurityPolicy()
+        self.dns = dns or pod_dns.DNSSettings()
+        self.termination_messages = TerminationMessages(runtime)
+        self._dns_warned: set[str] = set()
 
     # --- desired state -------------------------------------------------------------
 
@@ -166,6 +180,8 @@ class Kubelet:
 
     def set_desired(self, pod: dict, rejected: tuple[str, str] | None = None) -> None:
         uid = pod["metadata"]["uid"]
+        if rejected is None:
+            rejected = self._admit(pod)
         record = self.pods.get(uid)
         if record is None:
             self.pods[uid] = PodRecord(pod=pod, rejected=rejected)
@@ -180,6 +196,21 @@ class Kubelet:
         record.ended = ("Evicted", message)
         self.events.event(record.pod, WARNING, "Evicted", message)
         return True
+    def _admit(self, pod: dict) -> tuple[str, str] | None:
+        """What this node cannot honour (security context, DNS, naming): the pod is
+        refused with a reason naming the field, like kubelet's admit handlers."""
+        refusal = pod_security.admit_pod(pod, self.security) or pod_dns.admit_pod(pod)
+        if refusal is None:
+            try:
+                pod_dns.kernel_hostname(pod, self.dns.cluster_domain)
+            except pod_dns.DNSError as exc:
+                refusal = ("InvalidDNSConfig", str(exc))
+        if refusal is None:
+            return None
+        if pod["metadata"]["uid"] not in self.pods:
+            self.events.event(pod, WARNING, refusal[0], refusal[1])
+        # kubelet's rejectPod wording for the pod's status message.
+        return refusal[0], "Pod was rejected: " + refusal[1]
 
     def forget(self, uid: str) -> None:
         if self.pods.pop(uid, None) is not None and self._on_forget is not None:
@@ -323,7 +354,8 @@ class Kubelet:
         config = SandboxConfig(
             pod=_pod_ref(pod),
             attempt=attempt,
-            hostname=spec.get("hostname") or meta["name"][:63],
+            hostname=pod_dns.kernel_hostname(pod, self.dns.cluster_domain),
+            sysctls=pod_security.pod_sysctls(pod),
             host_network=bool(spec.get("hostNetwork")),
             share_process_namespace=bool(spec.get("shareProcessNamespace")),
             host_pid=bool(spec.get("hostPID")),
@@ -373,9 +405,25 @@ class Kubelet:
                 waiting[start.name] = ("ContainerCreating", message)
             return 10.0
         pod_ip = await self._pod_ip(pod)
+        try:
+            pod_mounts, dns_warnings = await asyncio.to_thread(
+                pod_dns.write_pod_files, self.volumes.pod_dir(pod["metadata"]["uid"]), pod,
+                [pod_ip] if pod_ip else [], self.dns)
+        except (pod_dns.DNSError, OSError) as exc:
+            message = f"cannot write the pod's resolv.conf and hosts files: {exc}"
+            self.events.event(pod, WARNING, "FailedCreatePodSandBox", message)
+            for start in to_start:
+                waiting[start.name] = ("ContainerCreating", message)
+            return 10.0
+        if sandbox.id not in self._dns_warned:
+            # Once per sandbox, as kubelet forms a pod's DNS config at sandbox creation.
+            self._dns_warned.add(sandbox.id)
+            for reason, message in dns_warnings:
+                self.events.event(pod, WARNING, reason, message)
         requeue: float | None = None
         for start in to_start:
-            problem = await self._start_one(pod, sandbox, specs[start.name], start, volume_paths, pod_ip)
+            problem = await self._start_one(pod, sandbox, specs[start.name], start, volume_paths, pod_ip,
+                                            pod_mounts)
             if problem is None:
                 continue
             reason, message, retry_in = problem
@@ -388,7 +436,7 @@ class Kubelet:
         return requeue
 
     async def _start_one(
-        self, pod, sandbox, container, start, volume_paths, pod_ip
+        self, pod, sandbox, container, start, volume_paths, pod_ip, pod_mounts=()
     ) -> tuple[str, str, float | None] | None:
         """Start one container; on failure return (waiting reason, message, retry in)."""
         uid = pod["metadata"]["uid"]
@@ -432,7 +480,10 @@ class Kubelet:
                 pod_ip=pod_ip, host_ip=self.host_ip, node_name=self.node_name,
                 volume_paths=volume_paths, env_sources=self.env_sources,
                 service_env=self.service_env.for_pod(pod),
+                security_policy=self.security,
             )
+            pod_dns.add_pod_mounts(config.mounts, list(pod_mounts))
+            await self._termination_message_mount(pod, container, start.attempt, config)
         except ConfigError as exc:
             self.events.event(pod, WARNING, "Failed", f"Error: {exc}", field_path=path)
             return exc.reason, str(exc), 10.0
@@ -447,7 +498,7 @@ class Kubelet:
         except (CreateContainerError, RuntimeTimeout) as exc:
             log.warning("container failed to start", pod=_fmt(pod), container=start.name, error=str(exc))
             self.events.event(pod, WARNING, "Failed", f"Error: {exc}", field_path=path)
-            return "CreateContainerError", str(exc), 10.0
+            return getattr(exc, "reason", "CreateContainerError"), str(exc), 10.0
         except (NotFound, RuntimeUnavailable):
             raise  # the pod worker retries the whole sync
         except RuntimeError_ as exc:
@@ -457,6 +508,22 @@ class Kubelet:
             self.events.event(pod, WARNING, "Failed", f"Error: {exc}", field_path=path)
             return "", "", None
         return None
+
+    async def _termination_message_mount(self, pod: dict, container: dict, attempt: int, config) -> None:
+        """A fresh file per container instance at its terminationMessagePath."""
+        target = container.get("terminationMessagePath")
+        if not target:
+            return
+        if not target.startswith("/") or ":" in target:
+            raise ConfigError(f"container {container.get('name')!r}: terminationMessagePath {target!r} must be "
+                              "an absolute path without ':'")
+        try:
+            host = await asyncio.to_thread(prepare_termination_message_file,
+                                           self.volumes.pod_dir(pod["metadata"]["uid"]), container["name"], attempt)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the termination message file: {exc}") from None
+        config.mounts.append(Mount(host_path=host, container_path=target))
+        config.labels[TERMINATION_MESSAGE_LABEL] = host
 
     async def _prefetch(self, pod: dict) -> None:
         """Let cluster-mode sources fetch the configMaps/secrets/tokens the pod uses,
@@ -498,7 +565,9 @@ class Kubelet:
             except NotFound:
                 pass
         await self.volumes.teardown(uid)
+        self.termination_messages.forget_pod(c.id for c in containers)
         self._network_ready.difference_update(s.id for s in sandboxes)
+        self._dns_warned.difference_update(s.id for s in sandboxes)
         self.backoff.gc({k for k in self.pods if k != uid})
         self.pull_backoff.gc({k for k in self.pods if k != uid})
         log.info("pod removed", pod_uid=uid, pod=_fmt(pod) if pod else None)
@@ -554,6 +623,7 @@ class Kubelet:
             # A finished pod's sandbox is gone, but like kubelet it keeps reporting
             # the address it ran with.
             pod_ips = [entry["ip"] for entry in previous["podIPs"]]
+        await self.termination_messages.fill(pod, containers)
         status = generate_pod_status(
             pod, sandboxes, containers,
             waiting=waiting, pod_ips=pod_ips, host_ips=[self.host_ip],

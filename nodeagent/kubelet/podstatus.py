@@ -116,6 +116,8 @@ def _terminated(c: ContainerStatus) -> dict:
     state: dict = {"exitCode": exit_code(c), "reason": reason}
     if c.error:
         state["message"] = c.error
+    elif c.message:
+        state["message"] = c.message
     state["startedAt"] = rfc3339(c.started_at or 0)
     state["finishedAt"] = rfc3339(c.finished_at or c.created_at)
     state["containerID"] = c.container_id

@@ -47,6 +47,7 @@ from nodeagent.kubelet.containerconfig import (
 )
 from nodeagent.api.podspec import DEFAULT_FILE_MODE, DEFAULT_NAMESPACE, container_limits, iter_containers
 from nodeagent.api.quantity import QuantityError, memory_bytes
+from nodeagent.kubelet.security import apply_fs_group
 
 log = structlog.get_logger(__name__)
 
@@ -273,6 +274,18 @@ def memory_volume_size(pod: dict, size_limit: object, node_memory: int) -> int:
     return size
 
 
+# --- fsGroup -------------------------------------------------------------------------
+
+
+def _fs_group(pod: dict) -> int | None:
+    value = ((pod.get("spec") or {}).get("securityContext") or {}).get("fsGroup")
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _fs_group_policy(pod: dict) -> str | None:
+    return ((pod.get("spec") or {}).get("securityContext") or {}).get("fsGroupChangePolicy")
+
+
 # --- the manager -----------------------------------------------------------------------
 
 
@@ -372,7 +385,8 @@ class VolumeManager:
         medium = body.get("medium") or ""
         if medium not in ("", "Memory"):
             raise ConfigError(f"volume {name!r}: emptyDir medium {medium!r} is not supported on this node")
-        if not path.is_dir():
+        created = not path.is_dir()
+        if created:
             path.mkdir(parents=True, exist_ok=True)
             os.chmod(path, EMPTY_DIR_MODE)  # any container user may write, like kubelet
         if medium == "Memory" and not is_mount_point(path):
@@ -381,7 +395,12 @@ class VolumeManager:
             except QuantityError as exc:
                 raise ConfigError(f"volume {name!r}: sizeLimit: {exc}") from None
             mount_tmpfs(path, size)
+            os.chmod(path, EMPTY_DIR_MODE)
+            created = True
             log.info("mounted tmpfs for emptyDir", volume=name, pod_uid=uid, size=size)
+        fs_group = _fs_group(pod)
+        if fs_group is not None and created:
+            apply_fs_group(path, fs_group, read_only=False, change_policy=_fs_group_policy(pod))
         return str(path)
 
     def _setup_host_path(self, name: str, body: dict) -> str:
@@ -439,10 +458,16 @@ class VolumeManager:
             os.chmod(path, EMPTY_DIR_MODE)
         if source in MEMORY_BACKED_CONTENT and not is_mount_point(path):
             mount_tmpfs(path, memory_volume_size(pod, None, self.node.memory_bytes))
+        fs_group = _fs_group(pod)
+        if fs_group is not None:
+            # Group-readable up front, so an unchanged payload compares equal next time.
+            files = {rel: (content, int(mode) | 0o440) for rel, (content, mode) in files.items()}
         try:
             changed = write_atomic_dir(path, files)
         except ValueError as exc:
             raise ConfigError(f"volume {name!r}: {exc}") from None
+        if fs_group is not None and (changed or os.stat(path).st_gid != fs_group):
+            apply_fs_group(path, fs_group, read_only=True)
         if changed:
             log.info("wrote volume content", volume=name, source=source, pod_uid=uid, files=len(files))
         return str(path)

@@ -1,5 +1,6 @@
-"""The node's HTTP status endpoint (kubelet's read-only port): /healthz, /pods, and
-/proxy (the service proxy's service -> endpoints table)."""
+"""The node's HTTP status endpoint (kubelet's read-only port): /healthz, /pods,
+/proxy (the service proxy's service -> endpoints table) and
+/containerLogs/{namespace}/{pod}/{container}."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class StatusServer:
         checks: dict[str, HealthCheck],
         proxy: Callable[[], str] | None = None,
         info: Callable[[], list[str]] | None = None,
+        container_logs: Callable | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -39,6 +41,9 @@ class StatusServer:
         self._proxy = proxy
         if proxy is not None:
             self.app.router.add_get("/proxy", self._show_proxy)
+        if container_logs is not None:
+            # kubelet's path and query parameters (nodeagent.kubelet.logs).
+            self.app.router.add_get("/containerLogs/{namespace}/{pod}/{container}", container_logs)
         self.bound_port: int | None = None
 
     async def start(self) -> None:

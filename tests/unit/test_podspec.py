@@ -721,7 +721,6 @@ def test_iter_containers_order_and_kinds():
     ({"overhead": {"cpu": "250m"}}, "spec.overhead"),
     ({"resourceClaims": [{"name": "gpu"}]}, "spec.resourceClaims"),
     ({"resources": {"limits": {"cpu": "1"}}}, "spec.resources"),
-    ({"hostUsers": False}, "spec.hostUsers"),
     ({"os": {"name": "windows"}}, "spec.os.name"),
 ])
 def test_fields_the_node_cannot_carry_out_refuse_the_pod(spec, field):
