@@ -23,6 +23,8 @@ from typing import Any, AsyncIterator, Mapping
 import aiohttp
 import structlog
 
+from nodeagent.backoff import Delay
+
 from .kubeconfig import KubeConfig
 from .resources import Resource
 
@@ -154,23 +156,10 @@ class RateLimiter:
             raise
 
 
-class Backoff:
-    """Exponential back-off with multiplicative jitter: delay = base * (1 + jitter * U[0,1)),
-    base doubling from `initial` up to `maximum`."""
-
-    def __init__(self, initial: float = 0.5, maximum: float = 30.0, factor: float = 2.0,
-                 jitter: float = 0.5, rng=random.random) -> None:
-        self.initial, self.maximum, self.factor, self.jitter = initial, maximum, factor, jitter
-        self._rng = rng
-        self._base = initial
-
-    def next(self) -> float:
-        base = min(self._base, self.maximum)
-        self._base = min(self._base * self.factor, self.maximum)
-        return base * (1.0 + self.jitter * self._rng())
-
-    def reset(self) -> None:
-        self._base = self.initial
+# The API client's retries use the node's one back-off (jittered by default).
+def Backoff(initial: float = 0.5, maximum: float = 30.0, factor: float = 2.0,
+            jitter: float = 0.5, rng=random.random) -> Delay:
+    return Delay(initial, maximum, factor, jitter, rng)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -337,7 +326,7 @@ def _selector(value: str | Mapping[str, str] | None) -> str | None:
 class KubeClient:
     def __init__(self, config: KubeConfig, *, qps: float = 50.0, burst: int = 100,
                  user_agent: str = DEFAULT_USER_AGENT, timeout: float = 30.0,
-                 max_retries: int = 4, retry_backoff: Backoff | None = None,
+                 max_retries: int = 4, retry_backoff: Delay | None = None,
                  connection_limit: int = 64) -> None:
         self.config = config
         self.timeout = timeout
@@ -417,8 +406,7 @@ class KubeClient:
         the open response when `stream` is set (status already checked)."""
         url = self.config.server + path
         attempts = (self.max_retries if retry else 0) + 1
-        backoff = Backoff(self._retry_backoff.initial, self._retry_backoff.maximum,
-                          self._retry_backoff.factor, self._retry_backoff.jitter)
+        backoff = self._retry_backoff.copy()
         reauthenticated = False
         attempt = 0
         while True:

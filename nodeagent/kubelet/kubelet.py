@@ -23,12 +23,14 @@ from nodeagent.kubelet.events import NORMAL, WARNING, EventSink, LogEventSink, c
 from nodeagent.kubelet.podactions import compute_pod_actions, termination_order
 from nodeagent.api.podspec import iter_containers
 from nodeagent.kubelet.podstatus import generate_pod_status
+from nodeagent.kubelet.podworkers import SyncResult
 from nodeagent.kubelet.volumes import VolumeManager
 from runtime.types import (
     ContainerStatus,
     ContainerState,
     CreateContainerError,
     ImageError,
+    ImageNeverPull,
     ImageService,
     NotFound,
     PodRef,
@@ -49,6 +51,11 @@ GRACE_PERIOD_LABEL = "io.kubernetes.pod.terminationGracePeriod"
 # without a change event (kubelet's default sync frequency is about a minute).
 VOLUME_RESYNC = 60.0
 _DATA_VOLUME_KINDS = ("configMap", "secret", "downwardAPI", "projected")
+# Deadlines on pod network (netlink) and volume work: a hung call fails one pod's sync
+# (retried by its worker), it never stalls the node.
+NETWORK_DEADLINE = 30.0
+VOLUME_DEADLINE = 60.0
+_TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
 def _has_projected_data(pod: dict) -> bool:
@@ -126,8 +133,9 @@ class Kubelet:
         # Image pull failures per (pod uid, container): reason shown until the retry.
         self._pull_failures: dict[tuple[str, str], tuple[str, str]] = {}
         self._start_times: dict[str, float] = {}
-        # Sandbox ids whose network this process has set up or verified.
-        self._network_ready: set[str] = set()
+        # Pod uid -> the sandbox id whose network this process has set up or verified
+        # (one entry per pod, dropped when the pod finishes or goes).
+        self._network_ready: dict[str, str] = {}
 
     # --- desired state -------------------------------------------------------------
 
@@ -145,18 +153,34 @@ class Kubelet:
     def forget(self, uid: str) -> None:
         if self.pods.pop(uid, None) is not None and self._on_forget is not None:
             self._on_forget(uid)
+        self._forget_runtime_memory(uid)
+
+    def forget_pod(self, uid: str, *, readded: bool) -> None:
+        """PodWorkers: the pod's removal is complete. When it was re-added meanwhile,
+        its desired state (``set_desired`` by the source) stays and it starts afresh."""
+        if not readded:
+            self.forget(uid)
+            return
+        record = self.pods.get(uid)
+        if record is not None:
+            record.status = {}
+        self._forget_runtime_memory(uid)
+
+    def _forget_runtime_memory(self, uid: str) -> None:
         self._start_times.pop(uid, None)
+        self._network_ready.pop(uid, None)
         for key in [k for k in self._pull_failures if k[0] == uid]:
             del self._pull_failures[key]
 
     # --- sync ----------------------------------------------------------------------
 
-    async def sync_pod(self, pod: dict) -> float | None:
+    async def sync_pod(self, pod: dict) -> SyncResult | float | None:
         uid = pod["metadata"]["uid"]
         record = self.pods.get(uid)
         if record is not None and record.rejected:
             self._set_status(uid, self._rejected_status(pod, *record.rejected))
-            return None
+            # finish_pod kills whatever it already had (e.g. admitted by an earlier run).
+            return SyncResult(finished=True)
 
         sandboxes = await self.runtime.list_pod_sandboxes(uid)
         containers = await self.runtime.list_containers(uid)
@@ -250,12 +274,17 @@ class Kubelet:
         before it set up the network; setup is idempotent, so checking each adopted
         sandbox once repairs that and costs little for the rest.
         """
-        if sandbox.host_network or sandbox.id in self._network_ready:
+        uid = pod["metadata"]["uid"]
+        if sandbox.host_network or self._network_ready.get(uid) == sandbox.id:
             return
         if not sandbox.netns_path:
             raise NetworkError(f"sandbox {sandbox.id[:12]} has no network namespace (not running?)")
-        await self.network.setup_pod(pod["metadata"]["uid"], sandbox.netns_path)
-        self._network_ready.add(sandbox.id)
+        try:
+            async with asyncio.timeout(NETWORK_DEADLINE):
+                await self.network.setup_pod(uid, sandbox.netns_path)
+        except TimeoutError:
+            raise NetworkError(f"pod network setup did not finish within {NETWORK_DEADLINE:.0f}s") from None
+        self._network_ready[uid] = sandbox.id
 
     async def _start_containers(
         self, pod: dict, sandbox: SandboxStatus, to_start, waiting: dict[str, tuple[str, str]]
@@ -263,7 +292,7 @@ class Kubelet:
         specs = {c["name"]: c for _kind, c in iter_containers(pod)}
         try:
             await self._prefetch(pod)
-            volume_paths = await self.volumes.setup(pod)
+            volume_paths = await self._setup_volumes(pod)
         except (ConfigError, OSError) as exc:
             # Like kubelet: containers wait in ContainerCreating with the mount error.
             message = f"MountVolume.SetUp failed: {exc}"
@@ -304,7 +333,15 @@ class Kubelet:
             return reason, message, remaining
         try:
             policy = PullPolicy(container.get("imagePullPolicy", "IfNotPresent"))
-            if policy == PullPolicy.ALWAYS or await self.images.image_present(image) is None:
+            present = None if policy == PullPolicy.ALWAYS else await self.images.image_present(image)
+            if present is not None:
+                # kubelet's image manager says so on every container start.
+                self.events.event(pod, NORMAL, "Pulled",
+                                  f'Container image "{image}" already present on machine',
+                                  field_path=path)
+            elif policy == PullPolicy.NEVER:
+                raise ImageNeverPull(f'Container image "{image}" is not present with pull policy of Never')
+            else:
                 self.events.event(pod, NORMAL, "Pulling", f'Pulling image "{image}"', field_path=path)
                 started = time.monotonic()
                 await self.images.ensure_image(image, policy)
@@ -315,7 +352,9 @@ class Kubelet:
         except ImageError as exc:
             log.warning("image not available", pod=_fmt(pod), container=start.name,
                         image=image, reason=exc.reason, error=str(exc))
-            self.events.event(pod, WARNING, "Failed", str(exc), field_path=path)
+            # A missing image under policy Never is its own event (nothing was pulled).
+            event_reason = exc.reason if isinstance(exc, ImageNeverPull) else "Failed"
+            self.events.event(pod, WARNING, event_reason, str(exc), field_path=path)
             self._pull_failures[(uid, start.name)] = (exc.reason, str(exc))
             self.pull_backoff.record_failure(pull_key, _now())
             return exc.reason, str(exc), self.pull_backoff.in_backoff(pull_key, _now())
@@ -357,10 +396,17 @@ class Kubelet:
         if prefetch is not None:
             await prefetch(pod)
 
+    async def _setup_volumes(self, pod: dict) -> dict[str, str]:
+        try:
+            async with asyncio.timeout(VOLUME_DEADLINE):
+                return await self.volumes.setup(pod)
+        except TimeoutError:
+            raise OSError(f"volume setup did not finish within {VOLUME_DEADLINE:.0f}s") from None
+
     async def _refresh_volumes(self, pod: dict) -> None:
         try:
             await self._prefetch(pod)
-            await self.volumes.setup(pod)
+            await self._setup_volumes(pod)
         except (ConfigError, OSError) as exc:
             log.warning("volume refresh failed", pod=_fmt(pod), error=str(exc))
 
@@ -371,6 +417,36 @@ class Kubelet:
         return status.ip if status else None
 
     # --- termination ---------------------------------------------------------------
+
+    async def finish_pod(self, uid: str, pod: dict) -> None:
+        """PodWorkers: the pod must not run again (finished, rejected or deleted). Stop
+        what still runs within the grace period, stop the sandbox and release its
+        address at once; keep the exited containers (exit codes, logs) until the pod
+        is removed."""
+        sandboxes = await self.runtime.list_pod_sandboxes(uid)
+        containers = await self.runtime.list_containers(uid)
+        live = [c for c in containers if c.state in (ContainerState.RUNNING, ContainerState.CREATED)]
+        ready = [s for s in sandboxes if s.state == SandboxState.READY]
+        if live or ready:
+            log.info("stopping finished pod", pod=_fmt(pod), containers=[c.name for c in live])
+        for c in live:
+            self.events.event(pod, NORMAL, "Killing", f"Stopping container {c.name}",
+                              field_path=container_field_path(c.kind, c.name, pod))
+        await self._kill_pod(pod, sandboxes, containers, release_network=True, uid=uid)
+        self._network_ready.pop(uid, None)
+        record = self.pods.get(uid)
+        if record is None:
+            return
+        if record.rejected:
+            self._set_status(uid, self._rejected_status(pod, *record.rejected))
+            return
+        phase = (record.status or {}).get("phase")
+        if live or phase not in _TERMINAL_PHASES:
+            # Containers were stopped here (deletion): report their final states. A pod
+            # already reported terminal keeps its status (its containers may be gone,
+            # e.g. terminal in the API when first seen after a restart).
+            await self._publish(pod, await self.runtime.list_pod_sandboxes(uid),
+                                await self.runtime.list_containers(uid), {})
 
     async def terminate_pod(self, uid: str, pod: dict | None) -> None:
         sandboxes = await self.runtime.list_pod_sandboxes(uid)
@@ -389,12 +465,15 @@ class Kubelet:
                 await self.runtime.remove_pod_sandbox(s.id)
             except NotFound:
                 pass
-        await self.volumes.teardown(uid)
-        self._network_ready.difference_update(s.id for s in sandboxes)
+        try:
+            async with asyncio.timeout(VOLUME_DEADLINE):
+                await self.volumes.teardown(uid)
+        except TimeoutError:
+            raise OSError(f"volume teardown did not finish within {VOLUME_DEADLINE:.0f}s") from None
+        self._network_ready.pop(uid, None)
         self.backoff.gc({k for k in self.pods if k != uid})
         self.pull_backoff.gc({k for k in self.pods if k != uid})
         log.info("pod removed", pod_uid=uid, pod=_fmt(pod) if pod else None)
-        self.forget(uid)
 
     async def _kill_pod(
         self,
@@ -424,7 +503,11 @@ class Kubelet:
                     pass
         if release_network and uid is not None:
             netns = next((s.netns_path for s in sandboxes if s.netns_path), None)
-            await self.network.teardown_pod(uid, netns)
+            try:
+                async with asyncio.timeout(NETWORK_DEADLINE):
+                    await self.network.teardown_pod(uid, netns)
+            except TimeoutError:
+                raise NetworkError(f"pod network teardown did not finish within {NETWORK_DEADLINE:.0f}s") from None
 
     async def _stop_container(self, container_id: str, grace: int) -> None:
         try:
