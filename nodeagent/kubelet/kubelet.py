@@ -73,6 +73,9 @@ class PodRecord:
     # (reason, message) when the node refuses to run the pod: an invalid manifest,
     # or an admission failure such as OutOfcpu. The pod then goes to phase Failed.
     rejected: tuple[str, str] | None = None
+    # The same uid added again while this pod is being removed: (pod, rejected), which
+    # takes over once the removal completes (until then the terminating pod shows).
+    readd: tuple[dict, tuple[str, str] | None] | None = None
 
 
 def _now() -> float:
@@ -147,8 +150,10 @@ class Kubelet:
         record = self.pods.get(uid)
         if record is None:
             self.pods[uid] = PodRecord(pod=pod, rejected=rejected)
+        elif record.pod["metadata"].get("deletionTimestamp") and not pod["metadata"].get("deletionTimestamp"):
+            record.readd = (pod, rejected)
         else:
-            record.pod, record.rejected = pod, rejected
+            record.pod, record.rejected, record.readd = pod, rejected, None
 
     def forget(self, uid: str) -> None:
         if self.pods.pop(uid, None) is not None and self._on_forget is not None:
@@ -163,6 +168,8 @@ class Kubelet:
             return
         record = self.pods.get(uid)
         if record is not None:
+            if record.readd is not None:
+                (record.pod, record.rejected), record.readd = record.readd, None
             record.status = {}
         self._forget_runtime_memory(uid)
 
@@ -241,6 +248,10 @@ class Kubelet:
             containers = await self.runtime.list_containers(uid)
             sandboxes = await self.runtime.list_pod_sandboxes(uid)
         await self._publish(pod, sandboxes, containers, waiting)
+        if actions.kill_pod and not actions.create_sandbox:
+            # Every container is terminal and stays so (or the pod is being deleted):
+            # the worker moves on to finish_pod, which releases the network.
+            return SyncResult(requeue_after=requeue, finished=True)
         return requeue
 
     async def _create_sandbox(self, pod: dict, attempt: int) -> SandboxStatus:

@@ -205,7 +205,9 @@ class AgentProcess:
         ids = docker(*args).split()
         if not ids:
             return []
-        return json.loads(docker("inspect", *ids))
+        # A container removed between the listing and the inspect is simply gone.
+        out = subprocess.run(["docker", "inspect", *ids], capture_output=True, text=True, timeout=60)
+        return json.loads(out.stdout or "[]")
 
     def container_of(self, pod_name: str, container: str) -> dict:
         full = f"{pod_name}-{self.node_name}"
