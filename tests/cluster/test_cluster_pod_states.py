@@ -5,6 +5,8 @@ rejects has the containers it already had killed. Real agent, Docker, control pl
 from __future__ import annotations
 
 import asyncio
+import random
+import subprocess
 import time
 
 import pytest
@@ -14,6 +16,12 @@ from tests.cluster.test_cluster_support import (NODES_RT, PODS_RT, SLEEP_FOREVER
                                                 schema_problems)
 
 pytestmark = [pytest.mark.docker, pytest.mark.root]
+
+
+def _nft_table(agent) -> str:
+    table = agent.node_name.removeprefix("e2e-")
+    out = subprocess.run(["nft", "list", "table", "ip", f"na{table}"], capture_output=True, text=True, timeout=30)
+    return out.stdout
 
 
 def _ipam_holds(agent, uid: str) -> bool:
@@ -37,8 +45,10 @@ async def test_finished_pod_kept_and_rejected_pod_killed_across_kill9(cp_recordi
     node = agent.node_name
     cp.api.patch(NODES_RT, None, node, "application/merge-patch+json",
                  {"metadata": {"labels": {"tier": "a"}}})
-    cp.api.create(PODS_RT, "default", api_pod("sel", node, [busybox("app", SLEEP_FOREVER)],
-                                              nodeSelector={"tier": "a"}))
+    host_port = random.randint(32100, 32700)
+    cp.api.create(PODS_RT, "default", api_pod("sel", node, [busybox(
+        "app", SLEEP_FOREVER, ports=[{"containerPort": 8080, "hostPort": host_port}])],
+        nodeSelector={"tier": "a"}))
     cp.api.create(PODS_RT, "default", api_pod("done", node, [busybox("app", "echo bye; exit 3")],
                                               restartPolicy="Never"))
     cp.api.create(PODS_RT, "default", api_pod("never", node, [
@@ -46,6 +56,13 @@ async def test_finished_pod_kept_and_rejected_pod_killed_across_kill9(cp_recordi
     sel = await agent.wait_api_running_ready("sel")
     done = await agent.wait_api_phase("done", "Failed")
     sel_uid, done_uid = sel["metadata"]["uid"], done["metadata"]["uid"]
+    # hostPorts work in cluster mode too: the DNAT to the pod is in the node's table.
+    sel_ip = sel["status"]["podIP"]
+    try:
+        await _until("hostPort DNAT in the kernel", lambda: asyncio.to_thread(lambda: (
+            f"hostport-tcp/*/{host_port}" in (t := _nft_table(agent)) and f"dnat to {sel_ip}:8080" in t)), 30)
+    except AssertionError:
+        raise AssertionError(f"no DNAT of hostPort {host_port} to {sel_ip}:8080 in:\n{_nft_table(agent)}") from None
     assert done["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 3
     # kubelet's image events: a present image is "already present"; a missing one under
     # policy Never is ErrImageNeverPull alone (nothing was pulled, nothing "Failed").
@@ -87,6 +104,8 @@ async def test_finished_pod_kept_and_rejected_pod_killed_across_kill9(cp_recordi
                  lambda: _none(agent.docker_containers(sel_uid, running_only=True)), 30)
     await _until("rejected pod's address released", lambda: asyncio.to_thread(
         lambda: not _ipam_holds(agent, sel_uid)), 15)
+    await _until("its hostPort gone", lambda: asyncio.to_thread(
+        lambda: f"hostport-tcp/*/{host_port}" not in _nft_table(agent)), 30)
 
     # The finished pod: nothing restarted, nothing removed after relists and housekeeping.
     await asyncio.sleep(5)
