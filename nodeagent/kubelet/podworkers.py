@@ -14,8 +14,8 @@ Each worker is in one of kubelet's ``podWorkers`` states:
   stops the sandbox and releases its network, but keeps the exited containers (exit
   codes, logs) for as long as the pod exists. Or it was *removed* (no source wants it
   any more): ``terminate_pod`` stops and deletes everything. A sync running when the
-  removal arrives is cancelled (like kubelet cancelling the sync context): the
-  termination takes over.
+  deletion or removal arrives is cancelled (like kubelet cancelling the sync context):
+  the termination takes over.
 * ``TERMINATED``: a finished pod's worker stays, idle, until the pod is removed: it is
   still known (the relist and housekeeping leave its containers and volumes alone) but
   is never started again. A removed pod's worker goes away once its termination
@@ -161,8 +161,10 @@ class PodWorkers:
             worker.changed = True
         else:
             worker.pod = pod
-            if finished or _deleted(pod):
+            if (finished or _deleted(pod)) and worker.state == PodState.SYNCING:
                 worker.state = PodState.TERMINATING
+                if worker.sync_op is not None:
+                    worker.sync_op.cancel()  # e.g. a long image pull: stop it now
         worker.wake.set()
 
     def remove(self, uid: str, pod: dict | None = None) -> None:
