@@ -265,10 +265,15 @@ class Agent:
 
     async def _start_network(self) -> None:
         def failed(exc: Exception, retry_in: float) -> None:
-            self._network_error = str(exc)
-            log.error("pod network setup failed; retrying", error=str(exc), retry_in=retry_in)
+            self._network_error = str(exc) or f"{type(exc).__name__} (no answer from netlink)"
+            log.error("pod network setup failed; retrying", error=self._network_error, retry_in=retry_in)
 
-        await retry(self.network.start, Delay(1.0, 30.0), on_error=failed)
+        async def start() -> None:
+            # A hung netlink call must not hold the node's start for ever.
+            async with asyncio.timeout(HOUSEKEEPING_DEADLINE * 2):
+                await self.network.start()
+
+        await retry(start, Delay(1.0, 30.0), on_error=failed)
         self._network_error = None
 
     # --- views ---------------------------------------------------------------------
