@@ -11,7 +11,7 @@ import psutil
 import structlog
 
 from netplugin.podnet import BridgeNetwork
-from nodeagent.backoff import Backoff
+from nodeagent.backoff import Backoff, Delay, retry
 from nodeagent.eviction import EvictionManager, parse_thresholds
 from nodeagent.eviction.signals import observe as observe_signals
 from nodeagent.eviction.usage import RuntimePodUsage
@@ -25,6 +25,7 @@ from nodeagent.kubelet.security import SecurityPolicy
 from nodeagent.kubelet.kubelet import Kubelet
 from nodeagent.standalone.manifests import ManifestSnapshot, ManifestSource
 from nodeagent.kubelet.pleg import PLEG
+from nodeagent.kubelet.hostports import HostPortFeed
 from nodeagent.kubelet.podworkers import PodWorkers
 from netplugin.proxy import ServiceProxy, StandaloneServices
 from nodeagent.server.status import StatusServer
@@ -37,6 +38,10 @@ from runtime.pause_image import ensure_pause_image
 log = structlog.get_logger(__name__)
 
 from nodeagent import __version__ as VERSION
+
+# A housekeeping pass (network and volume GC) that takes longer is abandoned; the pods
+# it holds back (added during the pass) then start anyway.
+HOUSEKEEPING_DEADLINE = 30.0
 
 
 # A deletion timestamp must stay representable (time.gmtime fails past year 9999).
@@ -107,11 +112,20 @@ class Agent:
         )
         # Cluster mode (--kubeconfig): the API pod source, status manager, Node and
         # Lease, admission and mirror pods (nodeagent/cluster/). None when standalone.
+        self.proxy = self._make_proxy(settings)
         self.cluster = None
         if settings.kubeconfig:
             from nodeagent.cluster.mode import ClusterMode
 
-            self.cluster = ClusterMode(self)
+            self.cluster = ClusterMode(
+                settings, host_ip=self.host_ip, runtime_version=self.runtime.version,
+                health_checks=self._node_health, kubelet_port=self._kubelet_port,
+                proxy=self.proxy,
+                node_images=self.images.list_images,
+                # The eviction manager is built below; these run only once it exists.
+                pressure_conditions=lambda: self.eviction.conditions(),
+                under_pressure=lambda: self.eviction.under_pressure(),
+            )
         self.network = BridgeNetwork(
             bridge_name=settings.bridge_name,
             pod_cidr=settings.pod_cidr,
@@ -146,7 +160,9 @@ class Agent:
             dns=DNSSettings(cluster_dns=tuple(settings.cluster_dns), cluster_domain=settings.cluster_domain,
                             resolv_conf=settings.resolv_conf),
         )
-        self.workers = PodWorkers(self.cluster.syncer if self.cluster else self.kubelet)
+        self.workers = PodWorkers(self.cluster.attach(self.kubelet) if self.cluster else self.kubelet)
+        if self.cluster is not None:
+            self.cluster.attach_workers(self.workers)
         self.pleg = PLEG(
             self.runtime,
             on_pod_event=self.workers.kick,
@@ -163,7 +179,10 @@ class Agent:
             if settings.manifest_dir
             else None
         )
-        self.proxy, self.service_feed = self._make_proxy(settings, root)
+        self.service_feed = self._make_service_feed(settings, root)
+        # hostPorts (kubelet's portmap job) in both modes; standalone's service feed
+        # used to be the only one to program them.
+        self.host_ports = HostPortFeed(self.proxy, pods=self.pod_list) if self.proxy else None
         # Docker's data root (images, writable layers): the image filesystem.
         self._image_dir: str | None = None
         self.image_gc = ImageGC(
@@ -197,37 +216,52 @@ class Agent:
         self._network_error: str | None = "not started"
         self.started_at = time.time()
 
-    def _make_proxy(self, settings: Settings, root: Path):
+    def _make_proxy(self, settings: Settings) -> ServiceProxy | None:
         if not settings.proxy:
-            return None, None
-        proxy = ServiceProxy(
+            return None
+        return ServiceProxy(
             table=settings.proxy_table,
             node_name=settings.node_name,
             node_ips=[self.host_ip],
             cluster_cidr=settings.cluster_cidr,
             service_cidr=settings.service_cidr,
         )
-        if self.cluster is not None:
-            # Services and EndpointSlices come from the API (ClusterMode feeds them).
-            return proxy, None
-        feed = StandaloneServiceFeed(
-            proxy,
+
+    def _make_service_feed(self, settings: Settings, root: Path) -> StandaloneServiceFeed | None:
+        if self.proxy is None or self.cluster is not None:
+            # In cluster mode Services and EndpointSlices come from the API (ClusterMode).
+            return None
+        return StandaloneServiceFeed(
+            self.proxy,
             StandaloneServices(state_dir=root / "services", node_name=settings.node_name,
                                service_cidr=settings.service_cidr),
             pods=self.pod_list,
             events=self.kubelet.events,
         )
-        return proxy, feed
+
+    def _node_health(self) -> list[tuple[bool, str]]:
+        ok, why = self.pleg.healthy()
+        net_ok, net_why = self._network_health()
+        return [(ok, f"container runtime is down, PLEG is not healthy: {why}"),
+                (net_ok, "container runtime network not ready: NetworkReady=false "
+                         f"reason:NetworkPluginNotReady message:{net_why}")]
+
+    def _kubelet_port(self) -> int:
+        return self.server.bound_port or self.server.port
 
     def _on_status(self, uid: str, status: dict) -> None:
         if self.cluster is not None:
             self.cluster.on_status(uid, status)
-        if self.service_feed is not None:
-            self.service_feed.pods_changed()
+        self._pods_changed()
 
     def _on_forget(self, uid: str) -> None:
+        self._pods_changed()
+
+    def _pods_changed(self) -> None:
         if self.service_feed is not None:
             self.service_feed.pods_changed()
+        if self.host_ports is not None:
+            self.host_ports.pods_changed()
 
     # --- sources -------------------------------------------------------------------
 
@@ -243,8 +277,7 @@ class Agent:
                 # so its endpoints stop taking new traffic while it shuts down.
                 record.pod = mark_terminating(record.pod)
             self.workers.remove(uid, record.pod if record else None)
-        if self.service_feed is not None:
-            self.service_feed.pods_changed()
+        self._pods_changed()
         self._file_pods = set(snapshot.pods)
         if self.service_feed is not None:
             self.service_feed.set_manifests(snapshot.services)
@@ -270,14 +303,20 @@ class Agent:
             await asyncio.sleep(self.settings.relist_period)
             if not self._sources_synced() or self.pleg.last_relist is None:
                 continue
-            live = self.workers.known()
+            await self.housekeeping_pass()
+
+    async def housekeeping_pass(self) -> None:
+        # The fence holds back pods added during the pass until it is over: they are
+        # not in the snapshot, so GC must not race their first veth or volume dir.
+        async with self.workers.gc_fence() as live:
             try:
-                released = await self.network.garbage_collect(live)
-                if released:
-                    log.info("released addresses of gone pods", pod_uids=released)
-                await self.volumes.cleanup_orphans(live)
+                async with asyncio.timeout(HOUSEKEEPING_DEADLINE):
+                    released = await self.network.garbage_collect(live)
+                    if released:
+                        log.info("released addresses of gone pods", pod_uids=released)
+                    await self.volumes.cleanup_orphans(live)
             except Exception as exc:  # housekeeping must never stop the node
-                log.warning("housekeeping failed", error=str(exc))
+                log.warning("housekeeping failed", error=str(exc) or type(exc).__name__)
 
     def _service_list(self) -> list[dict] | None:
         if self.cluster is not None:
@@ -328,17 +367,17 @@ class Agent:
         return (self._network_error is None, self._network_error or "ok")
 
     async def _start_network(self) -> None:
-        delay = 1.0
-        while True:
-            try:
+        def failed(exc: Exception, retry_in: float) -> None:
+            self._network_error = str(exc) or f"{type(exc).__name__} (no answer from netlink)"
+            log.error("pod network setup failed; retrying", error=self._network_error, retry_in=retry_in)
+
+        async def start() -> None:
+            # A hung netlink call must not hold the node's start for ever.
+            async with asyncio.timeout(HOUSEKEEPING_DEADLINE * 2):
                 await self.network.start()
-                self._network_error = None
-                return
-            except Exception as exc:
-                self._network_error = str(exc)
-                log.error("pod network setup failed; retrying", error=str(exc), retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+
+        await retry(start, Delay(1.0, 30.0), on_error=failed)
+        self._network_error = None
 
     # --- views ---------------------------------------------------------------------
 
@@ -385,14 +424,8 @@ class Agent:
                     tg.create_task(self.cluster.run(), name="cluster-mode")
                 if self.proxy is not None:
                     tg.create_task(self.proxy.run(), name="service-proxy")
-                    if self.cluster is not None:
-                        from nodeagent.cluster.proxyfeed import ClusterServiceFeed
-
-                        feed = ClusterServiceFeed(self.cluster.client, self.proxy,
-                                                  node_name=self.settings.node_name,
-                                                  events=self.cluster.events,
-                                                  services=self.cluster.services)
-                        tg.create_task(feed.run(), name="cluster-service-feed")
+                if self.host_ports is not None:
+                    tg.create_task(self.host_ports.run(), name="host-ports")
                 if self.service_feed is not None:
                     tg.create_task(self.service_feed.run(), name="service-feed")
         finally:

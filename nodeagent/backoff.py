@@ -1,4 +1,13 @@
-"""Exponential back-off per key: container restarts (CrashLoopBackOff) and image pulls.
+"""The node's one back-off mechanism: exponential delays, doubling up to a cap.
+
+``exponential`` is the formula; two shapes use it:
+
+* ``Delay``: one sequence of retries (API requests, watches, the pod network start, a
+  failing pod worker, the PLEG's event stream), with optional multiplicative jitter
+  so many clients do not retry in step. ``retry`` runs an operation until it succeeds
+  on such a sequence.
+* ``Backoff``: delays kept per key for container restarts (CrashLoopBackOff) and
+  image pulls, below.
 
 Two ways to feed it, matching the two uses kubelet has for its back-off:
 
@@ -29,11 +38,62 @@ what ``gc`` relies on.
 
 from __future__ import annotations
 
+import asyncio
+import random
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Awaitable, Callable, Iterable, TypeVar
 
 # 2**_MAX_DOUBLINGS * base is far beyond any sane cap; keeps the power finite.
 _MAX_DOUBLINGS = 62
+
+T = TypeVar("T")
+
+
+def exponential(base: float, cap: float, doublings: int, factor: float = 2.0) -> float:
+    """``base * factor**doublings``, capped at ``cap``."""
+    return min(base * factor ** min(max(doublings, 0), _MAX_DOUBLINGS), cap)
+
+
+class Delay:
+    """One sequence of retry delays: ``initial``, ``initial*factor`` ... up to
+    ``maximum``, each stretched by a random factor in [1, 1 + jitter)."""
+
+    def __init__(self, initial: float = 0.5, maximum: float = 30.0, factor: float = 2.0,
+                 jitter: float = 0.0, rng: Callable[[], float] = random.random) -> None:
+        if initial <= 0 or maximum < initial or factor < 1:
+            raise ValueError(f"bad back-off: initial={initial} maximum={maximum} factor={factor}")
+        self.initial, self.maximum, self.factor, self.jitter = initial, maximum, factor, jitter
+        self._rng = rng
+        self._tries = 0
+
+    def next(self) -> float:
+        """The delay before the next try (and count this one)."""
+        base = exponential(self.initial, self.maximum, self._tries, self.factor)
+        self._tries += 1
+        return base * (1.0 + self.jitter * self._rng()) if self.jitter else base
+
+    def reset(self) -> None:
+        self._tries = 0
+
+    def copy(self) -> "Delay":
+        """A fresh sequence with the same parameters."""
+        return Delay(self.initial, self.maximum, self.factor, self.jitter, self._rng)
+
+
+async def retry(operation: Callable[[], Awaitable[T]], delay: Delay, *,
+                on_error: Callable[[Exception, float], None] | None = None) -> T:
+    """Run ``operation`` until it returns, sleeping ``delay.next()`` after each failure
+    (``on_error(exc, retry_in)`` reports it). Cancellation ends it."""
+    while True:
+        try:
+            return await operation()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            wait = delay.next()
+            if on_error is not None:
+                on_error(exc, wait)
+            await asyncio.sleep(wait)
 
 
 @dataclass
@@ -76,7 +136,7 @@ class Backoff:
             if streak == 1:
                 return 0.0
             doublings = streak - 2
-        return min(self.base * 2 ** min(doublings, _MAX_DOUBLINGS), self.cap)
+        return exponential(self.base, self.cap, doublings)
 
     def record_exit(
         self, key: str, finished_at: float, ran_for: float, *, attempt: int | None = None
@@ -118,7 +178,7 @@ class Backoff:
             return entry.delay
         else:
             streak = entry.streak + 1
-        delay = min(self.base * 2 ** min(streak - 1, _MAX_DOUBLINGS), self.cap)
+        delay = exponential(self.base, self.cap, streak - 1)
         self._entries[key] = _Entry(streak=streak, delay=delay, last=now)
         return delay
 

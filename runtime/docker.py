@@ -56,6 +56,9 @@ EVENT_ACTIONS = ("create", "start", "kill", "die", "oom", "stop", "destroy")
 _INSPECT_CONCURRENCY = 32
 # RepoDigests of an image can grow (a later pull by digest); look again after this long.
 _IMAGE_CACHE_TTL = 60.0
+# Entries beyond this are pruned (expired first, then oldest): a node cycling through
+# many images must not grow the cache without bound.
+_IMAGE_CACHE_MAX = 256
 # List states whose inspect data cannot change without the state changing too.
 # "created" is not one: a failed start leaves the state at "created" but sets
 # ExitCode and Error.
@@ -810,7 +813,13 @@ class DockerRuntime:
                 digests = list(info.get("RepoDigests") or [])
             except NotFound:
                 digests = []
+            self._image_cache.pop(image_id, None)
             self._image_cache[image_id] = (now + _IMAGE_CACHE_TTL, digests)
+            if len(self._image_cache) > _IMAGE_CACHE_MAX:
+                for key in [k for k, (expires, _d) in self._image_cache.items() if expires <= now]:
+                    del self._image_cache[key]
+                while len(self._image_cache) > _IMAGE_CACHE_MAX:
+                    del self._image_cache[next(iter(self._image_cache))]
         if not digests:
             return f"docker://{image_id}"
         return f"docker-pullable://{_matching_digest(digests, requested)}"

@@ -28,7 +28,8 @@ def _set(value: object) -> bool:
 
 def _containers(spec: dict) -> Iterator[tuple[str, dict]]:
     for key in ("initContainers", "containers"):
-        for i, c in enumerate(spec.get(key) or []):
+        items = spec.get(key)
+        for i, c in enumerate(items if isinstance(items, list) else []):
             if isinstance(c, dict):
                 yield f"spec.{key}[{i}]", c
 

@@ -1,12 +1,16 @@
 """Cluster mode wiring: the pieces that make the agent a Kubernetes node, and how the
-Agent's pods, kubelet and workers connect to them.
+node's pods, kubelet and workers connect to them.
 
     Agent ── ClusterMode ── KubeClient (kubeconfig, 50 QPS / burst 100)
-                 ├─ NodeManager   Node registration, node status, Lease
-                 ├─ ApiPodSource  pods with spec.nodeName=<node> (Informer)
-                 ├─ admission     once per pod uid, before it first runs
-                 ├─ StatusManager kubelet statuses -> pods/status; final DELETE
-                 └─ MirrorManager mirror pods for static pods
+                 ├─ NodeManager       Node registration, node status, Lease
+                 ├─ ApiPodSource      pods with spec.nodeName=<node> (Informer)
+                 ├─ admission         once per pod uid, before it first runs
+                 ├─ StatusManager     kubelet statuses -> pods/status; final DELETE
+                 ├─ MirrorManager     mirror pods for static pods
+                 └─ ClusterServiceFeed Services/EndpointSlices/Nodes -> service proxy
+
+ClusterMode does not know the Agent: it is given its collaborators (settings, health
+checks, the kubelet and the pod workers through ``attach``), so nothing imports back.
 
 Which source a pod came from is kept here (``api_pods``) and in the Agent (file pods).
 Pods found in the runtime that no source wants are removed only once the API informer
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Awaitable, Callable, Protocol
 
 import structlog
 
@@ -26,17 +30,17 @@ from nodeagent.cluster.apisource import ApiPodSource
 from nodeagent.cluster.events import ApiEventRecorder
 from nodeagent.cluster.mirror import MirrorManager
 from nodeagent.cluster.node import NodeManager
+from nodeagent.cluster.proxyfeed import ClusterServiceFeed
 from nodeagent.cluster.refs import ClusterEnvSources
 from nodeagent.cluster.statusmanager import TERMINAL_PHASES, StatusManager
-from nodeagent.config import parse_node_labels
+from nodeagent.config import Settings, parse_node_labels
 from nodeagent.kubelet.events import NORMAL, WARNING
 from nodeagent.eviction import parse_thresholds
 from nodeagent.eviction.admission import admit_under_pressure
 from nodeagent.kube import Informer, KubeClient, load_kubeconfig
 from nodeagent.kube import resources as R
-
-if TYPE_CHECKING:  # pragma: no cover
-    from nodeagent.agent import Agent
+from nodeagent.kubelet.kubelet import Kubelet
+from nodeagent.kubelet.podworkers import PodWorkers, SyncResult
 
 log = structlog.get_logger(__name__)
 
@@ -50,34 +54,54 @@ def _running_containers(status: dict) -> list[str]:
 
 class ClusterSyncer:
     """The kubelet as the pod workers see it, plus what cluster mode must learn from
-    each sync: when a deleted pod's containers are all stopped (time for the final
-    DELETE), and when a pod is gone for good."""
+    it: when a deleted pod's containers are all stopped (time for the final DELETE),
+    and when a pod is gone for good."""
 
-    def __init__(self, cluster: "ClusterMode") -> None:
+    def __init__(self, cluster: "ClusterMode", kubelet: Kubelet) -> None:
         self.cluster = cluster
+        self.kubelet = kubelet
 
-    async def sync_pod(self, pod: dict) -> float | None:
-        kubelet = self.cluster.agent.kubelet
-        requeue = await kubelet.sync_pod(pod)
-        meta = pod["metadata"]
-        uid = meta["uid"]
-        if meta.get("deletionTimestamp") and uid in self.cluster.api_pods:
-            record = kubelet.record(uid)
+    async def sync_pod(self, pod: dict) -> SyncResult | float | None:
+        return await self.kubelet.sync_pod(pod)
+
+    async def finish_pod(self, uid: str, pod: dict) -> None:
+        await self.kubelet.finish_pod(uid, pod)
+        if pod["metadata"].get("deletionTimestamp") and uid in self.cluster.api_pods:
+            record = self.kubelet.record(uid)
             status = record.status if record is not None else {}
-            # sync_pod returned normally with terminating semantics: the kill is done.
+            # finish_pod returned normally: the kill is done.
             if not _running_containers(status or {}):
                 self.cluster.status.mark_terminated(uid, pod)
-        return requeue
 
     async def terminate_pod(self, uid: str, pod: dict | None) -> None:
-        await self.cluster.agent.kubelet.terminate_pod(uid, pod)
+        await self.kubelet.terminate_pod(uid, pod)
         self.cluster.pod_terminated(uid)
+
+    def forget_pod(self, uid: str, *, readded: bool) -> None:
+        self.kubelet.forget_pod(uid, readded=readded)
+
+
+class ServiceProxyLike(Protocol):  # netplugin.proxy.ServiceProxy, as the feed uses it
+    def on_service(self, event: str, svc: dict) -> None: ...
 
 
 class ClusterMode:
-    def __init__(self, agent: "Agent") -> None:
-        self.agent = agent
-        settings = agent.settings
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        host_ip: str,
+        runtime_version: Callable,
+        health_checks: Callable[[], list[tuple[bool, str]]],
+        kubelet_port: Callable[[], int],
+        proxy: ServiceProxyLike | None = None,
+        node_images: Callable[[], Awaitable[list[dict]]] | None = None,
+        pressure_conditions: Callable[[], list[dict]] | None = None,
+        under_pressure: Callable[[], set[str]] = set,
+    ) -> None:
+        """``health_checks`` returns (ok, problem) for the PLEG and the pod network, in
+        the words of kubelet's NodeReady message; ``proxy``: Services and
+        EndpointSlices from the API feed it (None: no service proxy)."""
         self.settings = settings
         self.node_name = settings.node_name
         # Read at startup (the CLI has already validated it, with errors naming the
@@ -88,26 +112,26 @@ class ClusterMode:
         # secret/token lookups for env and volumes: given to the Kubelet and the
         # VolumeManager by the Agent.
         self.events = ApiEventRecorder(self.client, node_name=settings.node_name,
-                                       host_ip=agent.host_ip)
+                                       host_ip=host_ip)
         self.env_sources = ClusterEnvSources(self.client, node_name=settings.node_name,
                                              on_change=self._on_reference_change)
         self.node = NodeManager(
             self.client,
             node_name=settings.node_name,
-            host_ip=agent.host_ip,
+            host_ip=host_ip,
             root_dir=settings.root_dir,
             max_pods=settings.max_pods,
             labels=parse_node_labels(settings.node_labels),
-            runtime_version=agent.runtime.version,
+            runtime_version=runtime_version,
             ready=self._ready,
-            kubelet_port=self._kubelet_port,
+            kubelet_port=kubelet_port,
             status_update_period=settings.node_status_update_period,
             status_report_period=settings.node_status_report_period,
             lease_renew_period=settings.lease_renew_period,
             lease_duration_seconds=settings.lease_duration_seconds,
             on_condition_change=self._on_node_condition,
-            images=agent.images.list_images,
-            pressure=lambda: agent.eviction.conditions(),
+            images=node_images,
+            pressure=pressure_conditions,
             eviction_thresholds=parse_thresholds(settings.eviction_hard),
         )
         self.status = StatusManager(self.client, resolve=self._resolve_status_target)
@@ -124,8 +148,28 @@ class ClusterMode:
         self.api_pods: dict[str, dict] = {}  # uid -> pod, the pods this source gives
         self.static_pods: dict[str, dict] = {}  # uid -> static pod (manifest source)
         self._admission: dict[str, tuple[str, str] | None] = {}
-        self._not_run: set[str] = set()  # terminal in the API when first seen
-        self.syncer = ClusterSyncer(self)
+        self._health_checks = health_checks
+        # The node-pressure conditions of the eviction manager, for admission.
+        self._under_pressure = under_pressure
+        self.proxy_feed = (
+            ClusterServiceFeed(self.client, proxy, node_name=settings.node_name, events=self.events,
+                               services=self.services)
+            if proxy is not None else None
+        )
+        # Set by attach(): the kubelet and the pod workers (built after ClusterMode,
+        # since the kubelet uses its events and env sources).
+        self.kubelet: Kubelet | None = None
+        self.workers: PodWorkers | None = None
+        self.syncer: ClusterSyncer | None = None
+
+    def attach(self, kubelet: Kubelet) -> ClusterSyncer:
+        """Give cluster mode the kubelet; returns the syncer the pod workers drive."""
+        self.kubelet = kubelet
+        self.syncer = ClusterSyncer(self, kubelet)
+        return self.syncer
+
+    def attach_workers(self, workers: PodWorkers) -> None:
+        self.workers = workers
 
     # --- hooks the Agent calls ---------------------------------------------------------
 
@@ -135,7 +179,7 @@ class ClusterMode:
 
     def on_status(self, uid: str, status: dict) -> None:
         """Kubelet(on_status=...): never blocks."""
-        record = self.agent.kubelet.record(uid)
+        record = self.kubelet.record(uid)
         if record is not None and record.rejected:
             # A rejected pod never had containers: like kubelet's rejectPod, its status
             # carries phase, reason and message but no container statuses (which would
@@ -203,6 +247,8 @@ class ClusterMode:
                 tg.create_task(self.status.run(), name="cluster-status-manager")
                 tg.create_task(self.mirrors.run(), name="cluster-mirror-pods")
                 tg.create_task(self.services.run(), name="cluster-services")
+                if self.proxy_feed is not None:
+                    tg.create_task(self.proxy_feed.run(), name="cluster-service-feed")
         finally:
             await self.env_sources.close()
             await self.client.close()
@@ -213,7 +259,7 @@ class ClusterMode:
         """A ConfigMap/Secret changed: the pods using it resync (their volumes are
         rewritten atomically on the next sync)."""
         for uid in self.env_sources.pods_referencing(kind, namespace, name):
-            self.agent.workers.kick(uid)
+            self.workers.kick(uid)
 
     def _on_node_condition(self, condition: dict) -> None:
         """kubelet's node events: NodeReady / NodeNotReady and the pressure ones."""
@@ -230,19 +276,8 @@ class ClusterMode:
     # --- node facts for the node manager ---------------------------------------------
 
     def _ready(self) -> tuple[bool, str]:
-        problems = []
-        ok, why = self.agent.pleg.healthy()
-        if not ok:
-            problems.append(f"container runtime is down, PLEG is not healthy: {why}")
-        ok, why = self.agent._network_health()
-        if not ok:
-            problems.append(f"container runtime network not ready: NetworkReady=false "
-                            f"reason:NetworkPluginNotReady message:{why}")
+        problems = [why for ok, why in self._health_checks() if not ok]
         return (not problems, ", ".join(problems))
-
-    def _kubelet_port(self) -> int:
-        server = self.agent.server
-        return server.bound_port or server.port
 
     # --- API pods ----------------------------------------------------------------------
 
@@ -250,16 +285,22 @@ class ClusterMode:
         meta = pod["metadata"]
         uid = meta["uid"]
         self.api_pods[uid] = pod
-        if uid in self._not_run:
-            return
         if uid not in self._admission:
             decision = self._first_sight(pod)
             if decision == "not-run":
-                self._not_run.add(uid)
+                # Terminal in the API when first seen (e.g. after a restart): never run
+                # again, but keep what is left of it (exit codes, logs) until the pod
+                # is deleted, and show the API's status for it.
+                self._admission[uid] = None
+                self.kubelet.set_desired(pod, None)
+                record = self.kubelet.record(uid)
+                if record is not None:
+                    record.status = dict(pod.get("status") or {})
+                self.workers.update(pod, finished=True)
                 return
             self._admission[uid] = decision
-        self.agent.kubelet.set_desired(pod, self._admission[uid])
-        self.agent.workers.update(pod)
+        self.kubelet.set_desired(pod, self._admission[uid])
+        self.workers.update(pod)
 
     def _first_sight(self, pod: dict) -> tuple[str, str] | None | str:
         """Admission, decided once per pod uid."""
@@ -278,32 +319,29 @@ class ClusterMode:
         if phase == "Running":
             return None  # admitted by an earlier run of this node (agent restart)
         admitted = [
-            record.pod for uid, record in self.agent.kubelet.pods.items()
+            record.pod for uid, record in self.kubelet.pods.items()
             if uid != meta["uid"] and record.rejected is None
             and (record.status or {}).get("phase") not in TERMINAL_PHASES
         ]
-        decision = admit_under_pressure(pod, self.agent.eviction.under_pressure()) \
+        decision = admit_under_pressure(pod, self._under_pressure()) \
             or admit(pod, self.node.view(), admitted)
         if decision is not None:
             reason, message = decision
             log.warning("pod rejected at admission", pod=f"{meta.get('namespace')}/{meta['name']}",
                         reason=reason, message=message)
-            self.agent.kubelet.events.event(pod, WARNING, reason, message.removeprefix(REJECTED_PREFIX))
+            self.kubelet.events.event(pod, WARNING, reason, message.removeprefix(REJECTED_PREFIX))
         return decision
 
     def _on_api_pod_removed(self, pod: dict) -> None:
         uid = pod["metadata"]["uid"]
         self.api_pods.pop(uid, None)
         self.status.forget_object(uid)
-        if uid in self._not_run:
-            self._not_run.discard(uid)
-            return
-        record = self.agent.kubelet.record(uid)
-        if record is None and uid not in self.agent.workers.known():
+        record = self.kubelet.record(uid)
+        if record is None and uid not in self.workers.known():
             self._admission.pop(uid, None)
             return
         log.info("pod removed from the API; terminating it", pod=f"{pod['metadata'].get('namespace')}/{pod['metadata']['name']}")
-        self.agent.workers.remove(uid, record.pod if record else pod)
+        self.workers.remove(uid, record.pod if record else pod)
 
     def _on_mirror(self, event: str, pod: dict) -> None:
         if event == "DELETED":

@@ -31,6 +31,7 @@ from typing import Awaitable, Callable
 import psutil
 import structlog
 
+from nodeagent.backoff import Delay
 from nodeagent import __version__ as AGENT_VERSION
 from nodeagent.cluster.admission import NodeView, to_amounts
 from nodeagent.eviction.thresholds import Threshold
@@ -287,15 +288,15 @@ class NodeManager:
 
     async def register(self) -> dict:
         """Create (or adopt) the Node; retries until it succeeds (callers bound it)."""
-        delay = 0.5
+        delay = Delay(0.5, 10.0)
         while True:
             try:
                 return await self._register_once()
             except (ApiError, ApiConnectionError) as exc:
+                wait = delay.next()
                 log.warning("node registration failed; retrying", node=self.name,
-                            error=str(exc), retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                            error=str(exc), retry_in=wait)
+                await asyncio.sleep(wait)
 
     async def _register_once(self) -> dict:
         status = await self.compute_status()
@@ -422,16 +423,16 @@ class NodeManager:
         return True
 
     async def _lease_loop(self) -> None:
-        delay = 0.2
+        # kubelet retries a failed renewal quickly (200 ms doubling to 7 s).
+        delay = Delay(0.2, 7.0)
         while True:
             try:
                 await self.renew_lease()
-                delay = 0.2
+                delay.reset()
                 wait = self.lease_renew_period
             except (ApiError, ApiConnectionError) as exc:
-                # kubelet retries a failed renewal quickly (200 ms doubling to 7 s).
-                log.warning("lease renewal failed", node=self.name, error=str(exc), retry_in=delay)
-                wait, delay = min(delay, self.lease_renew_period), min(delay * 2, 7.0)
+                wait = min(delay.next(), self.lease_renew_period)
+                log.warning("lease renewal failed", node=self.name, error=str(exc), retry_in=wait)
             await asyncio.sleep(wait)
 
     def _lease_body(self, base: dict | None) -> dict:

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import structlog
 
+from nodeagent.backoff import Delay
 from nodeagent.kube import ApiConnectionError, ApiError, KubeClient, RateLimiter
 from nodeagent.kube import resources as R
 from nodeagent.kubelet.podstatus import get_phase
@@ -146,7 +147,7 @@ class StatusManager:
         self._queued: set[str] = set()
         self._busy: set[str] = set()
         self._again: set[str] = set()
-        self._retry_delay: dict[str, float] = {}
+        self._retry_delay: dict[str, Delay] = {}  # per pod, while its writes fail
         self._rejected: dict[str, dict] = {}  # uid -> the kubelet status the API refused
         self.stats = {"patches": 0, "skipped": 0, "conflicts": 0, "deletes": 0, "errors": 0}
 
@@ -219,8 +220,7 @@ class StatusManager:
                 raise
             except (ApiConnectionError, ApiError) as exc:
                 self.stats["errors"] += 1
-                delay = self._retry_delay.get(uid, _RETRY[0])
-                self._retry_delay[uid] = min(delay * 2, _RETRY[1])
+                delay = self._retry_delay.setdefault(uid, Delay(*_RETRY)).next()
                 if isinstance(exc, ApiError) and exc.retry_after:
                     delay = max(delay, exc.retry_after)
                 log.warning("pod status update failed; will retry", pod_uid=uid,

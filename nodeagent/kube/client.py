@@ -23,6 +23,8 @@ from typing import Any, AsyncIterator, Mapping
 import aiohttp
 import structlog
 
+from nodeagent.backoff import Delay
+
 from .kubeconfig import KubeConfig
 from .resources import Resource
 
@@ -155,23 +157,10 @@ class RateLimiter:
             raise
 
 
-class Backoff:
-    """Exponential back-off with multiplicative jitter: delay = base * (1 + jitter * U[0,1)),
-    base doubling from `initial` up to `maximum`."""
-
-    def __init__(self, initial: float = 0.5, maximum: float = 30.0, factor: float = 2.0,
-                 jitter: float = 0.5, rng=random.random) -> None:
-        self.initial, self.maximum, self.factor, self.jitter = initial, maximum, factor, jitter
-        self._rng = rng
-        self._base = initial
-
-    def next(self) -> float:
-        base = min(self._base, self.maximum)
-        self._base = min(self._base * self.factor, self.maximum)
-        return base * (1.0 + self.jitter * self._rng())
-
-    def reset(self) -> None:
-        self._base = self.initial
+# The API client's retries use the node's one back-off (jittered by default).
+def Backoff(initial: float = 0.5, maximum: float = 30.0, factor: float = 2.0,
+            jitter: float = 0.5, rng=random.random) -> Delay:
+    return Delay(initial, maximum, factor, jitter, rng)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -382,10 +371,14 @@ def _selector(value: str | Mapping[str, str] | None) -> str | None:
 class KubeClient:
     def __init__(self, config: KubeConfig, *, qps: float = 50.0, burst: int = 100,
                  user_agent: str = DEFAULT_USER_AGENT, timeout: float = 30.0,
-                 max_retries: int = 4, retry_backoff: Backoff | None = None,
-                 connection_limit: int = 64) -> None:
+                 max_retries: int = 4, retry_backoff: Delay | None = None,
+                 connection_limit: int = 64, request_timeout: float = 90.0) -> None:
         self.config = config
         self.timeout = timeout
+        # Total time one call may take, retries and rate limiting included (streams:
+        # until the response starts); the per-socket timeouts alone let a trickling
+        # answer or a long retry series hold a caller for ever.
+        self.request_timeout = request_timeout
         self.user_agent = user_agent
         self.max_retries = max_retries
         self._retry_backoff = retry_backoff or Backoff(initial=0.2, maximum=5.0)
@@ -458,12 +451,25 @@ class KubeClient:
                     data: bytes | None = None, content_type: str | None = None,
                     timeout: aiohttp.ClientTimeout | None = None, retry: bool = True,
                     count_as: tuple[str, str] = ("", ""), stream: bool = False) -> Any:
-        """One API call with rate limiting and retries. Returns the decoded JSON body, or
-        the open response when `stream` is set (status already checked)."""
+        """One API call with rate limiting and retries, within ``request_timeout``.
+        Returns the decoded JSON body, or the open response when `stream` is set
+        (status already checked)."""
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                return await self._send_with_retries(
+                    method, path, params=params, data=data, content_type=content_type,
+                    timeout=timeout, retry=retry, count_as=count_as, stream=stream)
+        except TimeoutError:
+            raise ApiConnectionError(f"{method} {self.config.server + path}: no complete answer "
+                                     f"within {self.request_timeout:g}s") from None
+
+    async def _send_with_retries(self, method: str, path: str, *, params: Mapping[str, str] | None,
+                                 data: bytes | None, content_type: str | None,
+                                 timeout: aiohttp.ClientTimeout | None, retry: bool,
+                                 count_as: tuple[str, str], stream: bool) -> Any:
         url = self.config.server + path
         attempts = (self.max_retries if retry else 0) + 1
-        backoff = Backoff(self._retry_backoff.initial, self._retry_backoff.maximum,
-                          self._retry_backoff.factor, self._retry_backoff.jitter)
+        backoff = self._retry_backoff.copy()
         reauthenticated = False
         attempt = 0
         while True:

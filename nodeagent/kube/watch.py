@@ -73,7 +73,7 @@ class Reflector:
                  field_selector: str | Mapping[str, str] | None = None,
                  page_size: int = 500, min_watch_timeout: float = 300.0,
                  watch_idle_timeout: float | None = None,
-                 backoff: Backoff | None = None, name: str | None = None) -> None:
+                 backoff: "Delay | None" = None, name: str | None = None) -> None:
         self.client = client
         self.resource = resource
         self.namespace = namespace

@@ -24,6 +24,7 @@ from nodeagent.kubelet.events import NORMAL, WARNING, EventSink, LogEventSink, c
 from nodeagent.kubelet.podactions import compute_pod_actions, termination_order
 from nodeagent.api.podspec import iter_containers
 from nodeagent.kubelet.podstatus import generate_pod_status
+from nodeagent.kubelet.podworkers import SyncResult
 from nodeagent.kubelet.servicelinks import ServiceEnv
 from nodeagent.kubelet.volumes import VolumeManager
 from nodeagent.images import PullCredentials, pull_with_credentials
@@ -40,6 +41,7 @@ from runtime.types import (
     CreateContainerError,
     Mount,
     ImageError,
+    ImageNeverPull,
     ImageService,
     NotFound,
     PodRef,
@@ -60,6 +62,11 @@ GRACE_PERIOD_LABEL = "io.kubernetes.pod.terminationGracePeriod"
 # without a change event (kubelet's default sync frequency is about a minute).
 VOLUME_RESYNC = 60.0
 _DATA_VOLUME_KINDS = ("configMap", "secret", "downwardAPI", "projected")
+# Deadlines on pod network (netlink) and volume work: a hung call fails one pod's sync
+# (retried by its worker), it never stalls the node.
+NETWORK_DEADLINE = 30.0
+VOLUME_DEADLINE = 60.0
+_TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
 def _has_projected_data(pod: dict) -> bool:
@@ -77,6 +84,9 @@ class PodRecord:
     # (reason, message) when the node refuses to run the pod: an invalid manifest,
     # or an admission failure such as OutOfcpu. The pod then goes to phase Failed.
     rejected: tuple[str, str] | None = None
+    # The same uid added again while this pod is being removed: (pod, rejected), which
+    # takes over once the removal completes (until then the terminating pod shows).
+    readd: tuple[dict, tuple[str, str] | None] | None = None
     # (reason, message) once the node ended the pod for good: node-pressure eviction
     # ("Evicted") or activeDeadlineSeconds ("DeadlineExceeded"). Its containers are
     # stopped and it ends in phase Failed with that reason.
@@ -166,8 +176,9 @@ class Kubelet:
         # Image pull failures per (pod uid, container): reason shown until the retry.
         self._pull_failures: dict[tuple[str, str], tuple[str, str]] = {}
         self._start_times: dict[str, float] = {}
-        # Sandbox ids whose network this process has set up or verified.
-        self._network_ready: set[str] = set()
+        # Pod uid -> the sandbox id whose network this process has set up or verified
+        # (one entry per pod, dropped when the pod finishes or goes).
+        self._network_ready: dict[str, str] = {}
         self.security = security or pod_security.SecurityPolicy()
         self.dns = dns or pod_dns.DNSSettings()
         self.termination_messages = TerminationMessages(runtime)
@@ -185,8 +196,10 @@ class Kubelet:
         record = self.pods.get(uid)
         if record is None:
             self.pods[uid] = PodRecord(pod=pod, rejected=rejected)
+        elif record.pod["metadata"].get("deletionTimestamp") and not pod["metadata"].get("deletionTimestamp"):
+            record.readd = (pod, rejected)
         else:
-            record.pod, record.rejected = pod, rejected
+            record.pod, record.rejected, record.readd = pod, rejected, None
 
     def evict(self, uid: str, message: str) -> bool:
         """Mark a pod evicted (node pressure); its worker's next sync carries it out."""
@@ -215,18 +228,36 @@ class Kubelet:
     def forget(self, uid: str) -> None:
         if self.pods.pop(uid, None) is not None and self._on_forget is not None:
             self._on_forget(uid)
+        self._forget_runtime_memory(uid)
+
+    def forget_pod(self, uid: str, *, readded: bool) -> None:
+        """PodWorkers: the pod's removal is complete. When it was re-added meanwhile,
+        its desired state (``set_desired`` by the source) stays and it starts afresh."""
+        if not readded:
+            self.forget(uid)
+            return
+        record = self.pods.get(uid)
+        if record is not None:
+            if record.readd is not None:
+                (record.pod, record.rejected), record.readd = record.readd, None
+            record.status = {}
+        self._forget_runtime_memory(uid)
+
+    def _forget_runtime_memory(self, uid: str) -> None:
         self._start_times.pop(uid, None)
+        self._network_ready.pop(uid, None)
         for key in [k for k in self._pull_failures if k[0] == uid]:
             del self._pull_failures[key]
 
     # --- sync ----------------------------------------------------------------------
 
-    async def sync_pod(self, pod: dict) -> float | None:
+    async def sync_pod(self, pod: dict) -> SyncResult | float | None:
         uid = pod["metadata"]["uid"]
         record = self.pods.get(uid)
         if record is not None and record.rejected:
             self._set_status(uid, self._rejected_status(pod, *record.rejected))
-            return None
+            # finish_pod kills whatever it already had (e.g. admitted by an earlier run).
+            return SyncResult(finished=True)
         if record is not None and record.ended is None:
             deadline_in = self._active_deadline_in(pod)
             if deadline_in is not None and deadline_in <= 0:
@@ -234,7 +265,7 @@ class Kubelet:
                 self.events.event(pod, NORMAL, "DeadlineExceeded", DEADLINE_MESSAGE)
         if record is not None and record.ended is not None:
             await self._sync_ended(pod, *record.ended)
-            return None
+            return SyncResult(finished=True)
 
         sandboxes = await self.runtime.list_pod_sandboxes(uid)
         containers = await self.runtime.list_containers(uid)
@@ -296,6 +327,10 @@ class Kubelet:
             containers = await self.runtime.list_containers(uid)
             sandboxes = await self.runtime.list_pod_sandboxes(uid)
         await self._publish(pod, sandboxes, containers, waiting)
+        if actions.kill_pod and not actions.create_sandbox:
+            # Every container is terminal and stays so (or the pod is being deleted):
+            # the worker moves on to finish_pod, which releases the network.
+            return SyncResult(requeue_after=requeue, finished=True)
         deadline_in = self._active_deadline_in(pod)
         if deadline_in is not None:
             requeue = max(deadline_in, 0.05) if requeue is None else min(requeue, max(deadline_in, 0.05))
@@ -382,12 +417,17 @@ class Kubelet:
         before it set up the network; setup is idempotent, so checking each adopted
         sandbox once repairs that and costs little for the rest.
         """
-        if sandbox.host_network or sandbox.id in self._network_ready:
+        uid = pod["metadata"]["uid"]
+        if sandbox.host_network or self._network_ready.get(uid) == sandbox.id:
             return
         if not sandbox.netns_path:
             raise NetworkError(f"sandbox {sandbox.id[:12]} has no network namespace (not running?)")
-        await self.network.setup_pod(pod["metadata"]["uid"], sandbox.netns_path)
-        self._network_ready.add(sandbox.id)
+        try:
+            async with asyncio.timeout(NETWORK_DEADLINE):
+                await self.network.setup_pod(uid, sandbox.netns_path)
+        except TimeoutError:
+            raise NetworkError(f"pod network setup did not finish within {NETWORK_DEADLINE:.0f}s") from None
+        self._network_ready[uid] = sandbox.id
 
     async def _start_containers(
         self, pod: dict, sandbox: SandboxStatus, to_start, waiting: dict[str, tuple[str, str]]
@@ -395,7 +435,7 @@ class Kubelet:
         specs = {c["name"]: c for _kind, c in iter_containers(pod)}
         try:
             await self._prefetch(pod)
-            volume_paths = await self.volumes.setup(pod)
+            volume_paths = await self._setup_volumes(pod)
         except (ConfigError, OSError) as exc:
             # Like kubelet: containers wait in ContainerCreating with the mount error.
             message = f"MountVolume.SetUp failed: {exc}"
@@ -452,7 +492,15 @@ class Kubelet:
             return reason, message, remaining
         try:
             policy = PullPolicy(container.get("imagePullPolicy", "IfNotPresent"))
-            if policy == PullPolicy.ALWAYS or await self.images.image_present(image) is None:
+            present = None if policy == PullPolicy.ALWAYS else await self.images.image_present(image)
+            if present is not None:
+                # kubelet's image manager says so on every container start.
+                self.events.event(pod, NORMAL, "Pulled",
+                                  f'Container image "{image}" already present on machine',
+                                  field_path=path)
+            elif policy == PullPolicy.NEVER:
+                raise ImageNeverPull(f'Container image "{image}" is not present with pull policy of Never')
+            else:
                 keyring, problems = self.pull_credentials.for_pod(pod)
                 for problem in problems:
                     self.events.event(pod, WARNING, "FailedToRetrieveImagePullSecret",
@@ -467,7 +515,9 @@ class Kubelet:
         except ImageError as exc:
             log.warning("image not available", pod=_fmt(pod), container=start.name,
                         image=image, reason=exc.reason, error=str(exc))
-            self.events.event(pod, WARNING, "Failed", str(exc), field_path=path)
+            # A missing image under policy Never is its own event (nothing was pulled).
+            event_reason = exc.reason if isinstance(exc, ImageNeverPull) else "Failed"
+            self.events.event(pod, WARNING, event_reason, str(exc), field_path=path)
             self._pull_failures[(uid, start.name)] = (exc.reason, str(exc))
             self.pull_backoff.record_failure(pull_key, _now())
             remaining = self.pull_backoff.in_backoff(pull_key, _now())
@@ -532,10 +582,17 @@ class Kubelet:
         if prefetch is not None:
             await prefetch(pod)
 
+    async def _setup_volumes(self, pod: dict) -> dict[str, str]:
+        try:
+            async with asyncio.timeout(VOLUME_DEADLINE):
+                return await self.volumes.setup(pod)
+        except TimeoutError:
+            raise OSError(f"volume setup did not finish within {VOLUME_DEADLINE:.0f}s") from None
+
     async def _refresh_volumes(self, pod: dict) -> None:
         try:
             await self._prefetch(pod)
-            await self.volumes.setup(pod)
+            await self._setup_volumes(pod)
         except (ConfigError, OSError) as exc:
             log.warning("volume refresh failed", pod=_fmt(pod), error=str(exc))
 
@@ -546,6 +603,36 @@ class Kubelet:
         return status.ip if status else None
 
     # --- termination ---------------------------------------------------------------
+
+    async def finish_pod(self, uid: str, pod: dict) -> None:
+        """PodWorkers: the pod must not run again (finished, rejected or deleted). Stop
+        what still runs within the grace period, stop the sandbox and release its
+        address at once; keep the exited containers (exit codes, logs) until the pod
+        is removed."""
+        sandboxes = await self.runtime.list_pod_sandboxes(uid)
+        containers = await self.runtime.list_containers(uid)
+        live = [c for c in containers if c.state in (ContainerState.RUNNING, ContainerState.CREATED)]
+        ready = [s for s in sandboxes if s.state == SandboxState.READY]
+        if live or ready:
+            log.info("stopping finished pod", pod=_fmt(pod), containers=[c.name for c in live])
+        for c in live:
+            self.events.event(pod, NORMAL, "Killing", f"Stopping container {c.name}",
+                              field_path=container_field_path(c.kind, c.name, pod))
+        await self._kill_pod(pod, sandboxes, containers, release_network=True, uid=uid)
+        self._network_ready.pop(uid, None)
+        record = self.pods.get(uid)
+        if record is None:
+            return
+        if record.rejected:
+            self._set_status(uid, self._rejected_status(pod, *record.rejected))
+            return
+        phase = (record.status or {}).get("phase")
+        if live or phase not in _TERMINAL_PHASES:
+            # Containers were stopped here (deletion): report their final states. A pod
+            # already reported terminal keeps its status (its containers may be gone,
+            # e.g. terminal in the API when first seen after a restart).
+            await self._publish(pod, await self.runtime.list_pod_sandboxes(uid),
+                                await self.runtime.list_containers(uid), {})
 
     async def terminate_pod(self, uid: str, pod: dict | None) -> None:
         sandboxes = await self.runtime.list_pod_sandboxes(uid)
@@ -564,14 +651,17 @@ class Kubelet:
                 await self.runtime.remove_pod_sandbox(s.id)
             except NotFound:
                 pass
-        await self.volumes.teardown(uid)
+        try:
+            async with asyncio.timeout(VOLUME_DEADLINE):
+                await self.volumes.teardown(uid)
+        except TimeoutError:
+            raise OSError(f"volume teardown did not finish within {VOLUME_DEADLINE:.0f}s") from None
         self.termination_messages.forget_pod(c.id for c in containers)
-        self._network_ready.difference_update(s.id for s in sandboxes)
+        self._network_ready.pop(uid, None)
         self._dns_warned.difference_update(s.id for s in sandboxes)
         self.backoff.gc({k for k in self.pods if k != uid})
         self.pull_backoff.gc({k for k in self.pods if k != uid})
         log.info("pod removed", pod_uid=uid, pod=_fmt(pod) if pod else None)
-        self.forget(uid)
 
     async def _kill_pod(
         self,
@@ -601,7 +691,11 @@ class Kubelet:
                     pass
         if release_network and uid is not None:
             netns = next((s.netns_path for s in sandboxes if s.netns_path), None)
-            await self.network.teardown_pod(uid, netns)
+            try:
+                async with asyncio.timeout(NETWORK_DEADLINE):
+                    await self.network.teardown_pod(uid, netns)
+            except TimeoutError:
+                raise NetworkError(f"pod network teardown did not finish within {NETWORK_DEADLINE:.0f}s") from None
 
     async def _stop_container(self, container_id: str, grace: int) -> None:
         try:

@@ -9,12 +9,12 @@ runtime itself, so a lost or duplicated event can never make state wrong.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from typing import Callable
 
 import structlog
 
+from nodeagent.backoff import Delay
 from runtime.types import RESYNC_ACTION, RuntimeError_, RuntimeService
 
 log = structlog.get_logger(__name__)
@@ -58,19 +58,20 @@ class PLEG:
         self._relist_now.set()
 
     async def _relist_loop(self) -> None:
-        delay = 1.0
+        # Retry at least every relist period, so recovery shows up on /healthz as soon
+        # as the engine is back.
+        period = max(self.relist_period, 0.01)
+        delay = Delay(min(1.0, period), period)
         while True:
             try:
                 await self.relist()
-                delay = 1.0
+                delay.reset()
                 wait = self.relist_period
             except RuntimeError_ as exc:
                 if self.runtime_error != str(exc):
                     log.warning("relist failed; container runtime unavailable", error=str(exc))
                 self.runtime_error = str(exc) or type(exc).__name__
-                # Retry at least every relist period, so recovery shows up on
-                # /healthz as soon as the engine is back.
-                wait, delay = delay, min(delay * 2, self.relist_period)
+                wait = delay.next()
             try:
                 async with asyncio.timeout(wait):
                     await self._relist_now.wait()
@@ -99,11 +100,11 @@ class PLEG:
         self._on_relist(set(current))
 
     async def _watch_events(self) -> None:
-        delay = 1.0
+        delay = Delay(1.0, 30.0, jitter=0.5)
         while True:
             try:
                 async for event in self._runtime.events():
-                    delay = 1.0
+                    delay.reset()
                     if event.action == RESYNC_ACTION:
                         self.request_relist()
                     elif event.pod_uid:
@@ -114,5 +115,4 @@ class PLEG:
                 log.exception("runtime event stream failed; reconnecting", retry_in=delay)
             # Whatever happened while the stream was down is found by a relist.
             self.request_relist()
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 30.0)
+            await asyncio.sleep(delay.next())

@@ -1,7 +1,7 @@
 """Feeds the service proxy from the node's own state (standalone mode).
 
 Without an API server, Services come from the manifest directory and endpoints from
-the local pods' readiness; hostPorts come from the pods' container ports. Changes are
+the local pods' readiness (hostPorts: ``nodeagent.kubelet.hostports``). Changes are
 coalesced: any number of pod status updates between two passes cost one recompute,
 and the proxy itself applies at most one kernel transaction per min-sync period.
 """
@@ -13,28 +13,10 @@ from typing import Callable
 
 import structlog
 
-from netplugin.proxy import HostPortMapping, ServiceProxy, StandaloneServices
+from netplugin.proxy import ServiceProxy, StandaloneServices
 from nodeagent.kubelet.events import WARNING, EventSink
 
 log = structlog.get_logger(__name__)
-
-
-def host_port_mappings(pods: list[dict]) -> list[HostPortMapping]:
-    """hostPort DNAT entries for running, non-host-network pods with an address."""
-    mappings = []
-    for pod in pods:
-        status = pod.get("status") or {}
-        ip = status.get("podIP")
-        if not ip or pod["spec"].get("hostNetwork") or status.get("phase") != "Running":
-            continue
-        for container in pod["spec"].get("containers") or ():
-            for port in container.get("ports") or ():
-                if port.get("hostPort"):
-                    mappings.append(HostPortMapping(
-                        port.get("protocol", "TCP"), int(port["hostPort"]), ip,
-                        int(port["containerPort"]), host_ip=port.get("hostIP") or None,
-                    ))
-    return mappings
 
 
 class StandaloneServiceFeed:
@@ -83,7 +65,6 @@ class StandaloneServiceFeed:
         self._computed_manifests = self._manifests
         pods = self._pods()
         errors = self._services.sync(self._proxy, self._manifests, pods)
-        self._proxy.set_host_ports(host_port_mappings(pods))
         current = set()
         for err in errors:
             text = str(err)

@@ -468,3 +468,36 @@ async def test_silent_partition_is_detected_by_the_idle_timeout(controlplane):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         assert reflector.stats.lists == 1
+
+
+async def test_request_has_a_total_timeout_even_when_the_answer_trickles():
+    """A server that keeps sending one byte at a time never trips the per-socket read
+    timeout; the request's total deadline ends the call anyway."""
+    from nodeagent.kube.kubeconfig import KubeConfig
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+        try:
+            for _ in range(200):  # bounded: 20 s at most
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = KubeClient(KubeConfig(server=f"http://127.0.0.1:{port}"), qps=0, timeout=0.5,
+                        request_timeout=1.0, max_retries=0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ApiConnectionError, match="no complete answer within 1s"):
+            await client.get(R.CONFIGMAPS, "x", "default")
+        assert time.monotonic() - started < 3.0
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()

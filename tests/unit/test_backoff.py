@@ -122,3 +122,59 @@ def test_reset_forgets_a_key():
 def test_bad_parameters_are_refused(kwargs):
     with pytest.raises(ValueError):
         Backoff(**kwargs)
+
+
+# --- the single-sequence shape (API retries, watches, workers, network start) ----------
+
+def test_delay_doubles_to_its_cap_and_resets():
+    from nodeagent.backoff import Delay
+
+    d = Delay(0.5, 4.0)
+    assert [d.next() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    d.reset()
+    assert d.next() == 0.5
+    fresh = d.copy()
+    assert fresh.next() == 0.5 and d.next() == 1.0  # independent sequences
+
+
+def test_delay_jitter_stretches_within_bounds():
+    from nodeagent.backoff import Delay
+
+    values = iter([0.0, 0.999, 0.5])
+    d = Delay(1.0, 10.0, jitter=0.5, rng=lambda: next(values))
+    assert d.next() == 1.0
+    assert 2.0 < d.next() < 3.0
+    assert d.next() == 4.0 * 1.25
+
+
+def test_delay_rejects_nonsense():
+    from nodeagent.backoff import Delay
+
+    for args in ((0, 1), (2, 1), (1, 2, 0.5)):
+        with pytest.raises(ValueError):
+            Delay(*args)
+
+
+async def test_retry_runs_until_success_and_reports_each_failure():
+    from nodeagent.backoff import Delay, retry
+
+    attempts = []
+    reported = []
+
+    async def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise OSError(f"failure {len(attempts)}")
+        return "done"
+
+    result = await retry(flaky, Delay(0.001, 0.002), on_error=lambda exc, wait: reported.append((str(exc), wait)))
+    assert result == "done" and len(attempts) == 3
+    assert reported == [("failure 1", 0.001), ("failure 2", 0.002)]
+
+
+def test_keyed_backoff_uses_the_same_formula():
+    from nodeagent.backoff import exponential
+
+    b = Backoff(base=10, cap=300)
+    assert [b.restart_delay(n) for n in range(1, 8)] == [exponential(10, 300, n - 1) for n in range(1, 8)]
+    assert exponential(10, 300, 10_000) == 300  # no overflow far past the cap

@@ -37,7 +37,7 @@ from nodeagent.kubelet.hashing import container_hash
 from nodeagent.kubelet.podactions import compute_pod_actions
 from nodeagent.kubelet.podstatus import generate_pod_status
 from nodeagent.standalone.manifests import ManifestSource
-from nodeagent.standalone.services import host_port_mappings
+from nodeagent.kubelet.hostports import host_port_mappings
 from netplugin.proxy import StandaloneServices
 
 NODE = "fuzz-node"
