@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--bridge-name", help="pod bridge (default nabr0)")
     cleanup.add_argument("--proxy-table", help="nftables table (default nodeagent)")
 
+    from nodeagent.join.cli import add_parser as add_join_parser
+    from nodeagent.systemd import add_install_parser
+
+    add_join_parser(sub)
+    add_install_parser(sub)
+
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -91,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "proxy":
         return _proxy_show(args.status_address)
+    if args.command == "join":
+        from nodeagent.join.cli import main as join_main
+
+        return join_main(args)
+    if args.command == "install-service":
+        from nodeagent.systemd import install_service
+
+        return install_service(args)
     if args.command == "cleanup":
         try:
             return asyncio.run(_cleanup(args))
