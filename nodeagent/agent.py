@@ -277,6 +277,10 @@ class Agent:
                 tg.create_task(self.workers.run(), name="pod-workers")
                 tg.create_task(self.pleg.run(), name="pleg")
                 tg.create_task(self._housekeeping(), name="housekeeping")
+                # systemd: READY=1 once every source synced, WATCHDOG=1 from this loop.
+                from nodeagent.systemd import for_agent
+
+                tg.create_task(for_agent(self).run(), name="systemd-notify")
                 if self.manifests is not None:
                     tg.create_task(self.manifests.run(), name="manifest-source")
                 if self.cluster is not None:

@@ -71,7 +71,7 @@ class Notifier:
         except OSError as exc:
             if not self._warned:
                 self._warned = True
-                log.warning("sd_notify failed", socket=os.environ.get("NOTIFY_SOCKET"), error=str(exc))
+                log.warning("sd_notify failed", socket=repr(self.address), error=str(exc))
             return False
 
     def ready(self, status: str | None = None) -> bool:
@@ -190,3 +190,17 @@ def install_service(args: argparse.Namespace) -> int:
     print("nodeagent is enabled and started. Follow its log with: journalctl -u nodeagent -f "
           "(one pod: journalctl -u nodeagent POD=<name>)")
     return 0
+
+
+def for_agent(agent) -> ServiceNotifier:
+    """The agent's notifier: ready once every pod source has synced once; STATUS= says
+    how many pods run and when the runtime was last listed."""
+
+    def status() -> str:
+        running = sum(1 for record in agent.kubelet.pods.values()
+                      if (record.status or {}).get("phase") == "Running")
+        last = agent.pleg.last_relist
+        age = f"{time.monotonic() - last:.0f}s ago" if last is not None else "not yet"
+        return f"pods running: {running}; last sync: {age}"
+
+    return ServiceNotifier(Notifier(), ready=agent._sources_synced, status=status)
