@@ -58,6 +58,16 @@ class Settings:
     # uses the Node's spec.podCIDR); with the API unreachable the network starts after
     # this long with the last known (or configured) pod CIDR, and registration goes on.
     node_registration_wait: float = 10.0
+    # --- certificates (nodeagent/certificate/) ---
+    # Renew the client certificate `nodeagent join` wrote through new CSRs (kubelet's
+    # rotateCertificates), and request the node API's serving certificate from the
+    # kubernetes.io/kubelet-serving signer (kubelet's serverTLSBootstrap).
+    rotate_certificates: bool = True
+    server_tls_bootstrap: bool = True
+    # The node API's TLS files; unset: <root-dir>/pki/kubelet-server-current.pem (cert
+    # and key in one file, renewed in place).
+    tls_cert_file: str | None = None
+    tls_private_key_file: str | None = None
 
     @property
     def status_host_port(self) -> tuple[str, int]:

@@ -117,6 +117,10 @@ class ClusterMode:
         self._admission: dict[str, tuple[str, str] | None] = {}
         self._not_run: set[str] = set()  # terminal in the API when first seen
         self.syncer = ClusterSyncer(self)
+        # Client certificate rotation and the serving certificate (nodeagent/certificate/).
+        from nodeagent.certificate.wiring import certificate_managers
+
+        self.certificates = certificate_managers(self)
 
     # --- hooks the Agent calls ---------------------------------------------------------
 
@@ -193,6 +197,8 @@ class ClusterMode:
                 tg.create_task(self.source.run(), name="cluster-pod-source")
                 tg.create_task(self.status.run(), name="cluster-status-manager")
                 tg.create_task(self.mirrors.run(), name="cluster-mirror-pods")
+                for manager in self.certificates:
+                    tg.create_task(manager.run(), name=f"certificate-{manager.kind}")
         finally:
             await self.env_sources.close()
             await self.client.close()
