@@ -135,6 +135,9 @@ def build_settings(config_file: str | None, flags: dict[str, Any]) -> Settings:
         if value is not None:
             values[_key(name)] = _coerce(_key(name), value, "command line")
     settings = Settings(**values)
+    if settings.kubeconfig is None and (Path(settings.root_dir) / "kubeconfig").is_file():
+        # Written by `nodeagent join`: a joined node runs in cluster mode without flags.
+        settings.kubeconfig = str(Path(settings.root_dir) / "kubeconfig")
     validate(settings)
     return settings
 

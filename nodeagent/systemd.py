@@ -181,13 +181,14 @@ def install_service(args: argparse.Namespace) -> int:
               "/run/systemd/system); the unit is written but not enabled. Run "
               f"`nodeagent run --config {config}` another way.", file=sys.stderr)
         return 1
-    for cmd in (["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", UNIT_NAME]):
+    for cmd in (["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", "--no-block", UNIT_NAME]):
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
             print(f"nodeagent install-service: {' '.join(cmd)} failed: {res.stderr.strip()}",
                   file=sys.stderr)
             return 1
-    print("nodeagent is enabled and started. Follow its log with: journalctl -u nodeagent -f "
+    # --no-block: READY=1 waits for the first sync, which waits for the API server.
+    print("nodeagent is enabled and starting. Follow its log with: journalctl -u nodeagent -f "
           "(one pod: journalctl -u nodeagent POD=<name>)")
     return 0
 

@@ -70,6 +70,9 @@ async def test_join_writes_private_credentials_that_work(make_controlplane, tmp_
     assert node["metadata"]["name"] == "joiner"
     (create,) = [w for w in cp.recorded_writes if w.resource == "nodes"]
     assert create.user == "system:node:joiner"
+    # A plain `nodeagent run --root-dir ...` of a joined node finds its kubeconfig.
+    from nodeagent.config import build_settings
+    assert build_settings(None, {"root_dir": str(tmp_path / "root")}).kubeconfig == str(layout.kubeconfig)
     # The secret never shows in what join says.
     assert token.split(".")[1] not in "\n".join(lines)
     # Joining again changes nothing.
