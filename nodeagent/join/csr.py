@@ -161,8 +161,8 @@ async def wait_for_certificate(client: KubeClient, name: str, key: ec.EllipticCu
     while True:
         now = time.monotonic()
         if deadline is not None and now >= deadline:
-            raise CSRTimeout(f"certificate signing request {name} was not approved within "
-                             f"{now - started:.0f}s. An administrator can approve it with "
+            raise CSRTimeout(f"certificate signing request {name} was not approved before the "
+                             f"timeout (waited {now - started:.1f}s). An administrator can approve it with "
                              f"`kubectl certificate approve {name}`, then run the same command "
                              "again: it picks up the approved certificate.")
         if progress is not None and now - last_progress >= PROGRESS_EVERY:

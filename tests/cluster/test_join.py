@@ -302,3 +302,13 @@ async def test_world_readable_key_file_is_refused(controlplane, tmp_path):
     os.chmod(key, 0o644)
     with pytest.raises(KubeConfigError, match=r"world-readable \(mode 0644\).*chmod 600"):
         load_kubeconfig(path)
+
+
+async def test_missing_cluster_info_is_reported(controlplane, tmp_path):
+    token = controlplane.create_bootstrap_token()
+    from tests.controlplane import RESOURCES
+    configmaps = next(r for r in RESOURCES if r.plural == "configmaps" and r.group == "")
+    await asyncio.sleep(0.3)  # the bootstrap signer has handled the new token's Secret
+    controlplane.api.delete(configmaps, "kube-public", "cluster-info")
+    with pytest.raises(JoinError, match="no ConfigMap cluster-info in namespace kube-public.*gave up"):
+        await join(_opts(controlplane.url, token, [_pin(controlplane)], tmp_path / "root", [], timeout=1.0))
