@@ -260,6 +260,11 @@ class Agent:
                  manifest_dir=self.settings.manifest_dir, pod_cidr=self.settings.pod_cidr,
                  host_ip=self.host_ip)
         await self.server.start()
+        # systemd: WATCHDOG=1 from this loop from the start (registration and network setup
+        # may take a while), READY=1 once every source synced.
+        from nodeagent.systemd import for_agent
+
+        notify = asyncio.create_task(for_agent(self).run(), name="systemd-notify")
         try:
             if self.cluster is not None:
                 # The Node first: the pod network uses its spec.podCIDR when set.
@@ -277,10 +282,6 @@ class Agent:
                 tg.create_task(self.workers.run(), name="pod-workers")
                 tg.create_task(self.pleg.run(), name="pleg")
                 tg.create_task(self._housekeeping(), name="housekeeping")
-                # systemd: READY=1 once every source synced, WATCHDOG=1 from this loop.
-                from nodeagent.systemd import for_agent
-
-                tg.create_task(for_agent(self).run(), name="systemd-notify")
                 if self.manifests is not None:
                     tg.create_task(self.manifests.run(), name="manifest-source")
                 if self.cluster is not None:
@@ -297,6 +298,8 @@ class Agent:
                 if self.service_feed is not None:
                     tg.create_task(self.service_feed.run(), name="service-feed")
         finally:
+            notify.cancel()
+            await asyncio.gather(notify, return_exceptions=True)
             if self.proxy is not None:
                 self.proxy.close()
             if self.cluster is not None:
