@@ -116,7 +116,8 @@ async def test_ready_after_sync_watchdog_pings_and_a_blocked_loop_misses_them(pa
     assert sorted(gaps)[len(gaps) // 2] < watchdog_usec / 1e6
     # ... and the blocked stretch shows as one gap longer than the watchdog timeout:
     # systemd would have killed and restarted the agent.
-    assert sum(g > watchdog_usec / 1e6 for g in gaps) == 1 and max(gaps) >= 0.65
+    blocked = [g for g in gaps if g >= 0.65]
+    assert len(blocked) == 1 and blocked[0] > watchdog_usec / 1e6
     assert msgs[-1][1] == "STOPPING=1"
     assert "STATUS=pods running: 3; last sync: 0s ago" in [m for _, m in msgs]
 
