@@ -85,6 +85,24 @@ async def one_join(tmp: Path, run: int, joined: bool) -> tuple[float, float]:
         await cp.stop()
 
 
+async def protocol_only(tmp: Path, run: int) -> tuple[float, float]:
+    """The join itself in this process (discovery, CSR, approval, files), no agent."""
+    from nodeagent.join.flow import JoinOptions, join
+    from nodeagent.join.token import parse_token
+
+    cp = ControlPlane(tmp / f"cp-proto-{run}", options=Options(auto_approve_csrs=True))
+    await cp.start()
+    times = CSRTimes(cp)
+    try:
+        token = cp.create_bootstrap_token()
+        started = time.monotonic()
+        await join(JoinOptions(endpoint=cp.url, token=parse_token(token), pins=[cp.ca.spki_sha256()[7:]],
+                               node_name=f"proto-{run}", root_dir=str(tmp / f"proto-root-{run}"), timeout=30))
+        return time.monotonic() - started, times.approval_wait()
+    finally:
+        await cp.stop()
+
+
 def healthz_latency(url: str) -> float:
     t0 = time.monotonic()
     urllib.request.urlopen(url + "/healthz", timeout=5).read()
@@ -166,11 +184,17 @@ async def main() -> None:
         baselines.append(base)
         print(f"run {run}: join->Ready {total:.3f}s (approval wait {approval:.3f}s); "
               f"run --kubeconfig ->Ready {base:.3f}s", flush=True)
+    protocol = []
+    for run in range(args.runs):
+        total, approval = await protocol_only(tmp, run)
+        protocol.append(total - approval)
     net = [j - a for j, a in zip(joins, approvals)]
     print(f"\nmachine: {platform.node()} {os.cpu_count()} cpus, load {os.getloadavg()}")
     print(f"join -> Node Ready, excluding approval wait: p50 {statistics.median(net):.3f}s "
           f"max {max(net):.3f}s (target < 3 s)")
     print(f"approval wait (auto-approval): p50 {statistics.median(approvals):.3f}s")
+    print(f"join protocol alone (discovery, CSR, files; in-process, no agent), excluding approval: "
+          f"p50 {statistics.median(protocol):.3f}s max {max(protocol):.3f}s")
     print(f"baseline run --kubeconfig -> Node Ready: p50 {statistics.median(baselines):.3f}s; "
           f"join/baseline ratio {statistics.median(net) / statistics.median(baselines):.2f}")
     rot = await rotation_cost(tmp, args.rotation_lifetime, args.rotations)
