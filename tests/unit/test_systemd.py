@@ -155,3 +155,16 @@ def test_install_service_writes_the_unit(tmp_path):
                           str(tmp_path / "missing.yaml"), "--unit-dir", str(tmp_path / "u2")],
                          cwd=REPO, capture_output=True, text=True, timeout=30)
     assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+@pytest.mark.root
+@pytest.mark.skipif(shutil.which("systemd-nspawn") is None or not os.environ.get("NODEAGENT_NSPAWN_TEST"),
+                    reason="opt-in (NODEAGENT_NSPAWN_TEST=1, ~30 s): needs systemd-nspawn (Debian "
+                           "systemd-container)")
+def test_unit_under_a_real_systemd():
+    """systemd/check-under-systemd.sh: the unit under systemd in systemd-nspawn: READY=1 and
+    STATUS=, the hardening leaving netlink/nftables/Docker usable, watchdog restart."""
+    res = subprocess.run(["bash", str(REPO / "systemd" / "check-under-systemd.sh")],
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "OK: Type=notify" in res.stdout
