@@ -51,7 +51,7 @@ class CertificateManager:
                  request: Callable[[], csrs.CSRRequest], client: KubeClient,
                  on_rotated: Callable[[], Awaitable[None]] | None = None,
                  node_event: NodeEvent | None = None, fallback_to_bootstrap: bool = False,
-                 rng: Callable[[], float] = random.random, max_retry_delay: float = 60.0) -> None:
+                 rng: Callable[[], float] = random.random, max_retry_delay: float = 300.0) -> None:
         self.kind = kind  # "client" or "serving", for logs and events
         self.layout = layout
         self.prefix = prefix
