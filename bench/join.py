@@ -42,6 +42,18 @@ from tests.cluster.test_join_e2e import JoinAgent  # noqa: E402
 from tests.controlplane import ControlPlane, Options  # noqa: E402
 
 
+async def cleanup(agent) -> None:
+    """The harness's cleanup; an agent stuck in the kernel under load (SIGKILL pending)
+    gets up to a minute before its bridge, table and routes are removed again."""
+    try:
+        await agent.acleanup()
+    except Exception as exc:  # noqa: BLE001
+        print(f"cleanup of {agent.node_name} slow ({exc.__class__.__name__}); retrying", flush=True)
+        if agent.proc is not None:
+            await asyncio.to_thread(agent.proc.wait, 60)
+        await agent.acleanup()
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
@@ -81,7 +93,7 @@ async def one_join(tmp: Path, run: int, joined: bool) -> tuple[float, float]:
         total = time.monotonic() - started
         return total, times.approval_wait()
     finally:
-        await agent.acleanup()
+        await cleanup(agent)
         await cp.stop()
 
 
@@ -163,7 +175,7 @@ async def rotation_cost(tmp: Path, lifetime: float, rotations: int) -> dict:
                 "relists": sum(reads_after.values()) - sum(reads_before.values()),
                 "rotated_lines": log.count("certificate rotated")}
     finally:
-        await agent.acleanup()
+        await cleanup(agent)
         await cp.stop()
 
 
@@ -177,10 +189,14 @@ async def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-join-"))
     joins, approvals, baselines = [], [], []
     for run in range(args.runs):  # interleaved: join, then the no-join baseline
-        total, approval = await one_join(tmp, run, True)
+        try:
+            total, approval = await one_join(tmp, run, True)
+            base, _ = await one_join(tmp, run, False)
+        except AssertionError as exc:  # reported, not hidden: a round that did not finish
+            print(f"run {run}: FAILED ({str(exc).splitlines()[0]})", flush=True)
+            continue
         joins.append(total)
         approvals.append(approval)
-        base, _ = await one_join(tmp, run, False)
         baselines.append(base)
         print(f"run {run}: join->Ready {total:.3f}s (approval wait {approval:.3f}s); "
               f"run --kubeconfig ->Ready {base:.3f}s", flush=True)
