@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from tests.cluster.test_cluster_support import (SLEEP_FOREVER, ClusterAgent, api_pod, busybox,  # noqa: F401
-                                                kubectl_apply, rkubectl)
+from tests.cluster.test_cluster_support import (SLEEP_FOREVER, ClusterAgent, api_pod, busybox,
+                                                kubectl_apply)
 from tests.controlplane import Options
 from tests.e2e.conftest import REPO
 

@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import pod_manifest, busybox  # noqa: F401
 from tests.unit.test_systemd import Receiver
 
 pytestmark = [pytest.mark.docker, pytest.mark.root]
