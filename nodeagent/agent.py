@@ -398,6 +398,11 @@ class Agent:
                  manifest_dir=self.settings.manifest_dir, pod_cidr=self.settings.pod_cidr,
                  host_ip=self.host_ip)
         await self.server.start()
+        # systemd: WATCHDOG=1 from this loop from the start (registration and network setup
+        # may take a while), READY=1 once every source synced.
+        from nodeagent.systemd import for_agent
+
+        notify = asyncio.create_task(for_agent(self).run(), name="systemd-notify")
         try:
             if self.cluster is not None:
                 # The Node first: the pod network uses its spec.podCIDR when set.
@@ -429,6 +434,8 @@ class Agent:
                 if self.service_feed is not None:
                     tg.create_task(self.service_feed.run(), name="service-feed")
         finally:
+            notify.cancel()
+            await asyncio.gather(notify, return_exceptions=True)
             if self.proxy is not None:
                 self.proxy.close()
             if self.cluster is not None:

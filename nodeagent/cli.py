@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     from nodeagent import logscmd
 
     logscmd.add_parser(sub)
+    from nodeagent.join.cli import add_parser as add_join_parser
+    from nodeagent.systemd import add_install_parser
+
+    add_join_parser(sub)
+    add_install_parser(sub)
 
     sub.add_parser("version", help="print the version")
     return parser
@@ -99,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         from nodeagent import logscmd
 
         return logscmd.run(args)
+    if args.command == "join":
+        from nodeagent.join.cli import main as join_main
+
+        return join_main(args)
+    if args.command == "install-service":
+        from nodeagent.systemd import install_service
+
+        return install_service(args)
     if args.command == "cleanup":
         try:
             return asyncio.run(_cleanup(args))

@@ -87,6 +87,16 @@ class Settings:
     # --- container logs (kubelet's containerLogMaxSize / containerLogMaxFiles) ---
     container_log_max_size: str = "10Mi"
     container_log_max_files: int = 5
+    # --- certificates (nodeagent/certificate/) ---
+    # Renew the client certificate `nodeagent join` wrote through new CSRs (kubelet's
+    # rotateCertificates), and request the node API's serving certificate from the
+    # kubernetes.io/kubelet-serving signer (kubelet's serverTLSBootstrap).
+    rotate_certificates: bool = True
+    server_tls_bootstrap: bool = True
+    # The node API's TLS files; unset: <root-dir>/pki/kubelet-server-current.pem (cert
+    # and key in one file, renewed in place).
+    tls_cert_file: str | None = None
+    tls_private_key_file: str | None = None
 
     @property
     def status_host_port(self) -> tuple[str, int]:
@@ -164,6 +174,9 @@ def build_settings(config_file: str | None, flags: dict[str, Any]) -> Settings:
         if value is not None:
             values[_key(name)] = _coerce(_key(name), value, "command line")
     settings = Settings(**values)
+    if settings.kubeconfig is None and (Path(settings.root_dir) / "kubeconfig").is_file():
+        # Written by `nodeagent join`: a joined node runs in cluster mode without flags.
+        settings.kubeconfig = str(Path(settings.root_dir) / "kubeconfig")
     validate(settings)
     return settings
 

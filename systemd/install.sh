@@ -11,7 +11,6 @@ mkdir -p /opt/nodeagent /etc/nodeagent "$manifests"
 cp -a "$src/." /opt/nodeagent/
 (cd /opt/nodeagent && bash scripts/setup.sh)
 [ -f /etc/nodeagent/config.yaml ] || printf 'manifest-dir: %s\n' "$manifests" > /etc/nodeagent/config.yaml
-install -m 0644 "$src/systemd/nodeagent.service" /etc/systemd/system/nodeagent.service
-systemctl daemon-reload
-systemctl enable --now nodeagent.service
+# Writes the unit (ExecStart pointing at this installation), enables and starts it.
+/opt/nodeagent/.venv/bin/nodeagent install-service --config /etc/nodeagent/config.yaml
 echo "nodeagent installed; manifests go in $manifests; status: curl 127.0.0.1:10255/healthz"

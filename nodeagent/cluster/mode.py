@@ -104,6 +104,7 @@ class ClusterMode:
         EndpointSlices from the API feed it (None: no service proxy)."""
         self.settings = settings
         self.node_name = settings.node_name
+        self.host_ip = host_ip
         # Read at startup (the CLI has already validated it, with errors naming the
         # file and field).
         self.client = KubeClient(load_kubeconfig(settings.kubeconfig),
@@ -161,6 +162,10 @@ class ClusterMode:
         self.kubelet: Kubelet | None = None
         self.workers: PodWorkers | None = None
         self.syncer: ClusterSyncer | None = None
+        # Client certificate rotation and the serving certificate (nodeagent/certificate/).
+        from nodeagent.certificate.wiring import certificate_managers
+
+        self.certificates = certificate_managers(self)
 
     def attach(self, kubelet: Kubelet) -> ClusterSyncer:
         """Give cluster mode the kubelet; returns the syncer the pod workers drive."""
@@ -249,6 +254,8 @@ class ClusterMode:
                 tg.create_task(self.services.run(), name="cluster-services")
                 if self.proxy_feed is not None:
                     tg.create_task(self.proxy_feed.run(), name="cluster-service-feed")
+                for manager in self.certificates:
+                    tg.create_task(manager.run(), name=f"certificate-{manager.kind}")
         finally:
             await self.env_sources.close()
             await self.client.close()

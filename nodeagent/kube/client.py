@@ -387,6 +387,7 @@ class KubeClient:
         self._tokens = _TokenSource(config)
         self._connection_limit = connection_limit
         self._session: aiohttp.ClientSession | None = None
+        self._retired_sessions: list[tuple[float, aiohttp.ClientSession]] = []
         self.request_counts: collections.Counter[tuple[str, str]] = collections.Counter()
 
     @classmethod
@@ -407,6 +408,9 @@ class KubeClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        for _, retired in self._retired_sessions:
+            await retired.close()
+        self._retired_sessions.clear()
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -427,7 +431,14 @@ class KubeClient:
         self._ssl = await asyncio.to_thread(self.config.ssl_context)
         old, self._session = self._session, None
         if old is not None:
-            asyncio.get_running_loop().call_later(self.timeout * 2, lambda: asyncio.ensure_future(old.close()))
+            # Not closed now: watches opened on it keep streaming until they end on their
+            # own (timeoutSeconds), so a certificate rotation causes no relist; its idle
+            # connections close by keep-alive expiry. close() closes it.
+            now = time.monotonic()
+            for when, retired in [r for r in self._retired_sessions if now - r[0] > 3600.0]:
+                self._retired_sessions.remove((when, retired))  # its watches are long over
+                await retired.close()
+            self._retired_sessions.append((now, old))
 
     # --- transport ----------------------------------------------------------------------
 

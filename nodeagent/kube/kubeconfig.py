@@ -181,5 +181,22 @@ def load_kubeconfig(path: str | os.PathLike, context: str | None = None, *,
         if user.get(unsupported):
             raise KubeConfigError(f"kubeconfig {source}: {where_u}.{unsupported} is not supported; "
                                   "use a client certificate, token or tokenFile")
+    _refuse_exposed_keys(fields, Path(path), source, where_u)
     # Without a CA the system trust store verifies the server.
     return KubeConfig(**fields)
+
+
+def _refuse_exposed_keys(fields: dict[str, Any], path: Path, source: str, where_u: str) -> None:
+    """A private key anyone on the host can read is a leaked key: refuse it, as ssh does."""
+    checks = []
+    if "client_key_file" in fields:
+        checks.append((Path(fields["client_key_file"]), f"{where_u}.client-key"))
+    for file, field in checks:
+        try:
+            mode = file.stat().st_mode & 0o777
+        except OSError:
+            continue
+        if mode & 0o004:
+            raise KubeConfigError(f"kubeconfig {source}: {field}: {file} is world-readable "
+                                  f"(mode {mode:04o}); a private key must not be: "
+                                  f"chmod 600 {file}")

@@ -46,6 +46,7 @@ def test_kubeconfig_variants(controlplane, tmp_path):
     (tmp_path / "rel").mkdir()
     for src, name in ((controlplane.ca_path, "ca.crt"), (cert, "c.crt"), (key, "c.key")):
         (tmp_path / "rel" / name).write_bytes(Path(src).read_bytes())
+    (tmp_path / "rel" / "c.key").chmod(0o600)  # world-readable keys are refused
     doc["clusters"][0]["cluster"]["certificate-authority"] = "ca.crt"
     doc["users"][0]["user"] = {"client-certificate": "c.crt", "client-key": "c.key"}
     doc["contexts"].append({"name": "other", "context": {"cluster": "nodeagent-test", "user": "n1",

@@ -24,6 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds between watch BOOKMARK events")
     parser.add_argument("--auto-approve-csrs", action="store_true",
                         help="approve kubelet client/serving CSRs automatically")
+    parser.add_argument("--signing-duration", type=float, default=None,
+                        help="most seconds a signed CSR certificate lives (default: one year)")
     parser.add_argument("--pod-cidr", default=None,
                         help="allocate a /24 of this range to each new Node's spec.podCIDR")
     parser.add_argument("--no-service-account-admission", action="store_true",
@@ -39,7 +41,8 @@ async def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # stdout carries only the kubeconfig path (and what was asked for); logs go to stderr.
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    options = Options(auto_approve_csrs=args.auto_approve_csrs, pod_cidr=args.pod_cidr,
+    options = Options(auto_approve_csrs=args.auto_approve_csrs, signing_duration=args.signing_duration,
+                      pod_cidr=args.pod_cidr,
                       service_account_admission=not args.no_service_account_admission)
     cp = ControlPlane(args.state_dir, port=args.port, options=options,
                       bookmark_interval=args.bookmark_interval)

@@ -50,6 +50,12 @@ class Options:
     """Behaviour switches of the control plane (see ControlPlane)."""
     service_account_admission: bool = True
     auto_approve_csrs: bool = False
+    # kube-controller-manager's --cluster-signing-duration (seconds; None: one year):
+    # the most a signed certificate may live. Tests shorten it to exercise rotation.
+    signing_duration: float | None = None
+    # With auto_approve_csrs: also approve kubelet-serving CSRs. kube-controller-manager's
+    # csrapproving approves only node client CSRs; False gives that behaviour.
+    auto_approve_serving_csrs: bool = True
     pod_cidr: str | None = None
     service_cidr: str = "10.96.0.0/12"
     node_port_range: tuple[int, int] = (30000, 32767)
@@ -947,8 +953,10 @@ class Api:
         types = {c.get("type") for c in conditions}
         spec = csr.get("spec") or {}
         name = csr["metadata"]["name"]
-        if not types and self.options.auto_approve_csrs and spec.get("signerName") in (
-                "kubernetes.io/kube-apiserver-client-kubelet", "kubernetes.io/kubelet-serving"):
+        auto_signers = {"kubernetes.io/kube-apiserver-client-kubelet"}
+        if self.options.auto_approve_serving_csrs:
+            auto_signers.add("kubernetes.io/kubelet-serving")
+        if not types and self.options.auto_approve_csrs and spec.get("signerName") in auto_signers:
             new = clone(csr)
             new.setdefault("status", {})["conditions"] = [{
                 "type": "Approved", "status": "True", "reason": "AutoApproved",

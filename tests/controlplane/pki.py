@@ -112,7 +112,7 @@ class CertificateAuthority:
 
     def _sign(self, subject: x509.Name, public_key, *, client: bool, server: bool,
               dns_names: list[str] | tuple[str, ...], ip_addresses: list[str] | tuple[str, ...],
-              validity: dt.timedelta) -> x509.Certificate:
+              validity: dt.timedelta, backdate: dt.timedelta = dt.timedelta(minutes=5)) -> x509.Certificate:
         now = _now()
         usages = []
         if client:
@@ -125,7 +125,7 @@ class CertificateAuthority:
             .issuer_name(self.cert.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_before(now - backdate)
             .not_valid_after(now + validity)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
@@ -164,7 +164,9 @@ class CertificateAuthority:
 
     def sign_csr(self, csr_pem: bytes, usages: list[str], *,
                  validity: dt.timedelta = dt.timedelta(days=365)) -> bytes:
-        """Sign a PEM CSR as the kube-controller-manager's CSR signer would; returns cert PEM."""
+        """Sign a PEM CSR as the kube-controller-manager's CSR signer would; returns cert PEM.
+        notBefore is backdated for clock skew, by at most a tenth of the lifetime so that
+        short-lived test certificates still rotate at 70-90 % of a meaningful lifetime."""
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError as exc:
@@ -185,7 +187,7 @@ class CertificateAuthority:
             pass
         cert = self._sign(csr.subject, csr.public_key(), client="client auth" in usages,
                           server="server auth" in usages, dns_names=dns, ip_addresses=ips,
-                          validity=validity)
+                          validity=validity, backdate=min(dt.timedelta(minutes=5), validity / 10))
         return cert_to_pem(cert)
 
 

@@ -426,6 +426,8 @@ class ControlPlane:
             raise CSRSigningError(f"signer {signer!r} is not handled by this control plane")
         seconds = spec.get("expirationSeconds")
         validity = dt.timedelta(seconds=int(seconds)) if seconds else dt.timedelta(days=365)
+        if self.options.signing_duration is not None:
+            validity = min(validity, dt.timedelta(seconds=self.options.signing_duration))
         cert = self.ca.sign_csr(pem, usages, validity=validity)
         return base64.b64encode(cert).decode()
 
@@ -436,6 +438,18 @@ class ControlPlane:
         status = dict(current.get("status") or {})
         status["conditions"] = list(status.get("conditions") or []) + [{
             "type": "Approved", "status": "True", "reason": reason, "message": "approved by the test",
+            "lastUpdateTime": now_time(), "lastTransitionTime": now_time()}]
+        return self.api.update(csrs, None, name, dict(current, status=status),
+                               subresource="approval").obj
+
+    def deny_csr(self, name: str, reason: str = "DeniedByTest",
+                 message: str = "denied by the test") -> dict:
+        csrs = resources.find("certificates.k8s.io", "v1", "certificatesigningrequests")
+        assert csrs is not None
+        current = self.api.get(csrs, None, name)
+        status = dict(current.get("status") or {})
+        status["conditions"] = list(status.get("conditions") or []) + [{
+            "type": "Denied", "status": "True", "reason": reason, "message": message,
             "lastUpdateTime": now_time(), "lastTransitionTime": now_time()}]
         return self.api.update(csrs, None, name, dict(current, status=status),
                                subresource="approval").obj
