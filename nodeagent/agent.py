@@ -127,6 +127,8 @@ class Agent:
             checks={"ping": lambda: (True, "ok"), "pleg": self.pleg.healthy,
                     "network": self._network_health},
         )
+        # The node API (HTTPS, kubelet's port 10250); built at start (certificate files).
+        self.node_api = None
         self._file_pods: set[str] = set()
         self._sandbox_image_id: str | None = None
         self._sandbox_lock = asyncio.Lock()
@@ -241,6 +243,17 @@ class Agent:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
+    async def _start_node_api(self) -> None:
+        from nodeagent.server.wiring import build_node_api
+
+        try:
+            self.node_api = await asyncio.to_thread(build_node_api, self)
+            if self.node_api is not None:
+                await self.node_api.start()
+        except (OSError, ValueError) as exc:  # a bad certificate or a taken port: say so, run on
+            log.error("node API not started", error=str(exc), address=self.settings.node_api_address)
+            self.node_api = None
+
     # --- views ---------------------------------------------------------------------
 
     def pod_list(self) -> list[dict]:
@@ -260,6 +273,7 @@ class Agent:
                  manifest_dir=self.settings.manifest_dir, pod_cidr=self.settings.pod_cidr,
                  host_ip=self.host_ip)
         await self.server.start()
+        await self._start_node_api()
         try:
             if self.cluster is not None:
                 # The Node first: the pod network uses its spec.podCIDR when set.
@@ -298,5 +312,7 @@ class Agent:
             if self.cluster is not None:
                 await self.cluster.client.close()
             await self.server.stop()
+            if self.node_api is not None:
+                await self.node_api.stop()
             await self.runtime.close()
             await self.network.stop()

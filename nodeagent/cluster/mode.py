@@ -231,6 +231,9 @@ class ClusterMode:
         return (not problems, ", ".join(problems))
 
     def _kubelet_port(self) -> int:
+        api = getattr(self.agent, "node_api", None)
+        if api is not None:
+            return api.bound_port or api.port
         server = self.agent.server
         return server.bound_port or server.port
 

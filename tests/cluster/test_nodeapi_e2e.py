@@ -1,0 +1,177 @@
+"""kubectl logs / exec / cp / port-forward end to end: real kubectl -> test control
+plane (WebSocket from kubectl, translated to SPDY/3.1 towards the node like a v1.32 API
+server) -> the agent's HTTPS node API -> Docker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pty
+import re
+import select
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from tests.cluster.test_cluster_support import (SLEEP_FOREVER, api_pod, busybox,  # noqa: F401
+                                                cluster_agent_factory)
+
+pytestmark = [pytest.mark.docker, pytest.mark.root]
+
+NODE_API = {"node-ip": "127.0.0.1"}
+
+
+async def test_kubectl_logs_through_the_node_api(controlplane, kubectl, cluster_agent_factory):
+    script = ("if [ -f /data/ran ]; then echo second; " + SLEEP_FOREVER +
+              "; else touch /data/ran; for i in 1 2 3; do echo first-$i; done; exit 1; fi")
+    pod = api_pod("logs", "", [busybox("app", script, volumeMounts=[{"name": "d", "mountPath": "/data"}])],
+                  volumes=[{"name": "d", "emptyDir": {}}])
+    agent = await cluster_agent_factory(controlplane, extra_config=NODE_API)
+    await agent.wait_node_ready()
+    pod["spec"]["nodeName"] = agent.node_name
+    from tests.cluster.test_cluster_support import PODS_RT
+
+    controlplane.api.create(PODS_RT, "default", pod)
+
+    async def restarted():
+        p = agent.api_pod("logs")
+        statuses = (p.get("status") or {}).get("containerStatuses") or []
+        return statuses and statuses[0].get("restartCount", 0) >= 1 and statuses[0].get("ready")
+    await agent.wait("restarted and ready", restarted, timeout=60)
+
+    res = await kubectl("logs", "logs")
+    assert res.stdout == "second\n"
+    res = await kubectl("logs", "logs", "--previous")
+    assert res.stdout == "first-1\nfirst-2\nfirst-3\n"
+    res = await kubectl("logs", "logs", "--previous", "--tail=1")
+    assert res.stdout == "first-3\n"
+    res = await kubectl("logs", "logs", "--previous", "--limit-bytes=9")
+    assert res.stdout == "first-1\nf"
+    res = await kubectl("logs", "logs", "--timestamps")
+    stamp, line = res.stdout.rstrip("\n").split(" ", 1)
+    assert line == "second" and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z", stamp)
+    res = await kubectl("logs", "logs", "--since=1h")
+    assert res.stdout == "second\n"
+    res = await kubectl("logs", "logs", "-c", "nope", check=False)
+    assert res.returncode != 0 and "container nope is not valid" in res.stderr or "not found" in res.stderr
+
+    # -f streams what the container writes from now on.
+    proc = await asyncio.create_subprocess_exec(
+        kubectl.binary, "logs", "-f", "logs", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=dict(os.environ, KUBECONFIG=str(kubectl.kubeconfig), HOME=str(kubectl.cache_dir)))
+    try:
+        first = await asyncio.wait_for(proc.stdout.readline(), 15)
+        assert first == b"second\n"
+        await kubectl("exec", "logs", "--", "sh", "-c", "echo followed > /proc/1/fd/1")
+        nxt = await asyncio.wait_for(proc.stdout.readline(), 15)
+        assert nxt == b"followed\n"
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def test_kubectl_exec_cp_and_tty(controlplane, kubectl, cluster_agent_factory, tmp_path):
+    agent = await cluster_agent_factory(controlplane, extra_config=NODE_API)
+    await agent.wait_node_ready()
+    from tests.cluster.test_cluster_support import PODS_RT
+
+    controlplane.api.create(PODS_RT, "default", api_pod("box", agent.node_name, [busybox("app", SLEEP_FOREVER)]))
+    await agent.wait_api_running_ready("box")
+
+    res = await kubectl("exec", "box", "--", "sh", "-c", "echo out; echo err >&2")
+    assert res.stdout == "out\n" and res.stderr == "err\n"
+    res = await kubectl("exec", "box", "--", "sh", "-c", "echo before; exit 3", check=False)
+    assert res.returncode == 3 and res.stdout == "before\n"
+    assert "command terminated with exit code 3" in res.stderr
+    res = await kubectl("exec", "box", "--", "no-such-program", check=False)
+    assert res.returncode == 127 and "executable file not found" in res.stderr
+    res = await kubectl("exec", "-i", "box", "--", "sh", "-c", "tr a-z A-Z", input="hello stdin\n")
+    assert res.stdout == "HELLO STDIN\n"
+
+    # kubectl cp both ways (exec + tar).
+    payload = os.urandom(300_000)
+    src = tmp_path / "blob.bin"
+    src.write_bytes(payload)
+    await kubectl("cp", str(src), "box:/tmp/blob.bin")
+    res = await kubectl("exec", "box", "--", "md5sum", "/tmp/blob.bin")
+    import hashlib
+
+    assert res.stdout.split()[0] == hashlib.md5(payload).hexdigest()
+    back = tmp_path / "back.bin"
+    await kubectl("cp", "box:/tmp/blob.bin", str(back))
+    assert back.read_bytes() == payload
+
+    # Interactive with a terminal: kubectl on a pseudo-terminal, like a user's shell.
+    def interactive() -> bytes:
+        master, slave = pty.openpty()
+        env = dict(os.environ, KUBECONFIG=str(kubectl.kubeconfig), HOME=str(kubectl.cache_dir), TERM="xterm")
+        proc = subprocess.Popen([kubectl.binary, "exec", "-it", "box", "--", "sh"], stdin=slave, stdout=slave,
+                                stderr=slave, env=env, close_fds=True)
+        os.close(slave)
+        out = bytearray()
+        deadline = time.monotonic() + 20
+        sent = False
+        try:
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([master], [], [], 0.2)
+                if ready:
+                    try:
+                        chunk = os.read(master, 4096)
+                    except OSError:
+                        break
+                    if not chunk:
+                        break
+                    out += chunk
+                if not sent and (b"#" in out or time.monotonic() > deadline - 15):
+                    os.write(master, b"tty; echo $((6*7)); stty size; exit 4\r")
+                    sent = True
+                if proc.poll() is not None:
+                    break
+            proc.wait(timeout=10)
+            out += b"\nRC=%d" % proc.returncode
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            os.close(master)
+        return bytes(out)
+
+    out = await asyncio.to_thread(interactive)
+    assert b"/dev/pts/" in out and b"42" in out, out
+    assert out.endswith(b"RC=4"), out
+
+
+async def test_kubectl_port_forward_carries_http(controlplane, kubectl, cluster_agent_factory):
+    agent = await cluster_agent_factory(controlplane, extra_config=NODE_API)
+    await agent.wait_node_ready()
+    from tests.cluster.test_cluster_support import PODS_RT
+
+    serve = "mkdir -p /www && echo hello-from-pod > /www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /www"
+    controlplane.api.create(PODS_RT, "default", api_pod("web", agent.node_name, [busybox("http", serve)]))
+    await agent.wait_api_running_ready("web")
+    proc = await asyncio.create_subprocess_exec(
+        kubectl.binary, "port-forward", "pod/web", ":8080", ":9999",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=dict(os.environ, KUBECONFIG=str(kubectl.kubeconfig), HOME=str(kubectl.cache_dir)))
+    try:
+        ports: dict[int, int] = {}
+        while len(ports) < 2:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode()
+            m = re.match(r"Forwarding from 127\.0\.0\.1:(\d+) -> (\d+)", line)
+            if m:
+                ports[int(m.group(2))] = int(m.group(1))
+
+        def get(port: int) -> bytes:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=10).read()
+
+        assert await asyncio.to_thread(get, ports[8080]) == b"hello-from-pod\n"
+        # A closed port in the pod: that connection fails, the other port keeps working.
+        with pytest.raises(OSError):
+            await asyncio.to_thread(get, ports[9999])
+        for _ in range(3):
+            assert await asyncio.to_thread(get, ports[8080]) == b"hello-from-pod\n"
+    finally:
+        proc.kill()
+        _, err = await proc.communicate()
+    assert b"error forwarding port 9999" in err, err
