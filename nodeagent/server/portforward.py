@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import socket
 import threading
@@ -27,6 +28,14 @@ log = structlog.get_logger(__name__)
 
 PROTOCOL = "portforward.k8s.io"
 CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    # os.setns only exists from Python 3.12.
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def socket_in_netns(netns_path: str) -> socket.socket:
@@ -39,11 +48,11 @@ def socket_in_netns(netns_path: str) -> socket.socket:
         try:
             target = os.open(netns_path, os.O_RDONLY)
             try:
-                os.setns(target, CLONE_NEWNET)
+                _setns(target)
                 try:
                     result.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
                 finally:
-                    os.setns(own, CLONE_NEWNET)
+                    _setns(own)
             finally:
                 os.close(target)
         except OSError as exc:
@@ -75,8 +84,9 @@ async def forward(target: Target, port: int, data: SpdyStream, error: SpdyStream
     try:
         assert target.netns_path is not None
         reader, writer = await connect_in_pod(target.netns_path, port)
-    except (OSError, asyncio.TimeoutError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "connection timed out"
+    except Exception as exc:  # noqa: BLE001 - any failure is reported on the error stream
+        reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror
+                  else "connection timed out" if isinstance(exc, asyncio.TimeoutError) else str(exc))
         message = (f"error forwarding port {port} to pod {name}, uid {target.uid}: "
                    f"failed to connect to localhost:{port} inside namespace of pod {name}: {reason}")
         log.info("port-forward connect failed", pod=name, port=port, error=reason)

@@ -165,13 +165,52 @@ async def test_kubectl_port_forward_carries_http(controlplane, kubectl, cluster_
         def get(port: int) -> bytes:
             return urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=10).read()
 
-        assert await asyncio.to_thread(get, ports[8080]) == b"hello-from-pod\n"
-        # A closed port in the pod: that connection fails, the other port keeps working.
+        for _ in range(2):
+            assert await asyncio.to_thread(get, ports[8080]) == b"hello-from-pod\n"
+        # A closed port in the pod: the node reports it on that connection's error stream
+        # (kubectl >= 1.26 then ends the whole session on purpose).
         with pytest.raises(OSError):
             await asyncio.to_thread(get, ports[9999])
-        for _ in range(3):
-            assert await asyncio.to_thread(get, ports[8080]) == b"hello-from-pod\n"
     finally:
         proc.kill()
         _, err = await proc.communicate()
-    assert b"error forwarding port 9999" in err, err
+    assert b"error forwarding port 9999 to pod web" in err, err
+
+    # At the node, a failed port leaves the other forwards on the same connection alone.
+    from nodeagent.server.spdy import SpdySession
+    from tests.controlplane.streaming import dial_upgrade
+
+    status, headers, _, reader, writer = await dial_upgrade(
+        "127.0.0.1", agent.api_port, controlplane._kubelet_ssl(), "/portForward/default/web",
+        ["portforward.k8s.io"])
+    assert status == 101 and headers["x-stream-protocol-version"] == "portforward.k8s.io"
+    session = SpdySession(writer.write, writer.drain, server=False)
+
+    async def feed():
+        while chunk := await reader.read(65536):
+            session.feed(chunk)
+        session.feed_eof()
+    feeder = asyncio.create_task(feed())
+    try:
+        async def pair(port: int, request_id: str):
+            err = await session.open_stream({"streamtype": "error", "port": str(port), "requestid": request_id})
+            data = await session.open_stream({"streamtype": "data", "port": str(port), "requestid": request_id})
+            return err, data
+
+        async def read_all(stream) -> bytes:
+            out = bytearray()
+            while chunk := await asyncio.wait_for(stream.read(), 10):
+                out += chunk
+            return bytes(out)
+
+        ok_err, ok_data = await pair(8080, "1")
+        bad_err, bad_data = await pair(9999, "2")
+        assert b"error forwarding port 9999 to pod web" in await read_all(bad_err)
+        await ok_data.write(b"GET /index.html HTTP/1.0\r\n\r\n")
+        ok_data.close()
+        response = await read_all(ok_data)
+        assert response.startswith(b"HTTP/1.") and response.endswith(b"hello-from-pod\n")
+        assert await read_all(ok_err) == b""
+    finally:
+        feeder.cancel()
+        writer.close()
