@@ -21,14 +21,15 @@ import structlog
 from aiohttp import web
 
 from nodeagent.server import containerlogs
-from nodeagent.server.auth import NodeAuth, Unauthenticated, User
+from nodeagent.server.auth import NodeAuth, Unauthenticated
 
 log = structlog.get_logger(__name__)
 
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
-USER_KEY = web.AppKey("user", User)
+# The authenticated caller, for handlers that log or audit it.
+USER_KEY = "nodeagent.user"
 
 
 class NotFound(Exception):

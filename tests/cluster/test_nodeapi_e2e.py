@@ -103,6 +103,41 @@ async def test_kubectl_exec_cp_and_tty(controlplane, kubectl, cluster_agent_fact
     await kubectl("cp", "box:/tmp/blob.bin", str(back))
     assert back.read_bytes() == payload
 
+    # WebSocket straight to the node (v5.channel.k8s.io), as v1.36's
+    # ExtendWebSocketsToKubelet would: channel bytes, stdin close, status on channel 3.
+    import json as _json
+
+    import aiohttp
+
+    base = f"wss://127.0.0.1:{agent.api_port}"
+    ctx = controlplane._kubelet_ssl()
+    async with aiohttp.ClientSession() as session:
+        url = base + "/exec/default/box/app?command=sh&command=-c&command=cat;exit%205&input=1&output=1&error=1"
+        async with session.ws_connect(url, protocols=("v5.channel.k8s.io",), ssl=ctx) as ws:
+            assert ws.protocol == "v5.channel.k8s.io"
+            await ws.send_bytes(b"\x00via websocket")
+            await ws.send_bytes(b"\xff\x00")  # v5: stdin closed
+            got: dict[int, bytes] = {}
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    got[msg.data[0]] = got.get(msg.data[0], b"") + msg.data[1:]
+            assert got[1] == b"via websocket"
+            status = _json.loads(got[3])
+            assert status["reason"] == "NonZeroExitCode"
+            assert status["details"]["causes"] == [{"reason": "ExitCode", "message": "5"}]
+
+        # A client that goes away ends the exec: its process does not linger.
+        url = base + "/exec/default/box/app?command=sleep&command=777&output=1"
+        async with session.ws_connect(url, protocols=("v5.channel.k8s.io",), ssl=ctx) as ws:
+            async def sleeping() -> bool:
+                res = await kubectl("exec", "box", "--", "ps", "-o", "args")
+                return "sleep 777" in res.stdout
+            await agent.wait("exec running", sleeping, timeout=10)
+        async def gone() -> bool:
+            res = await kubectl("exec", "box", "--", "ps", "-o", "args")
+            return "sleep 777" not in res.stdout
+        await agent.wait("exec process gone", gone, timeout=10)
+
     # Interactive with a terminal: kubectl on a pseudo-terminal, like a user's shell.
     def interactive() -> bytes:
         master, slave = pty.openpty()
