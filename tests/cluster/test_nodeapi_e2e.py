@@ -78,7 +78,10 @@ async def test_kubectl_exec_cp_and_tty(controlplane, kubectl, cluster_agent_fact
     from tests.cluster.test_cluster_support import PODS_RT
 
     controlplane.api.create(PODS_RT, "default", api_pod("box", agent.node_name, [busybox("app", SLEEP_FOREVER)]))
+    controlplane.api.create(PODS_RT, "default", api_pod("echo", agent.node_name, [
+        busybox("app", "while read l; do echo got:$l; done; sleep 1000", stdin=True)]))
     await agent.wait_api_running_ready("box")
+    await agent.wait_api_running_ready("echo")
 
     res = await kubectl("exec", "box", "--", "sh", "-c", "echo out; echo err >&2")
     assert res.stdout == "out\n" and res.stderr == "err\n"
@@ -125,6 +128,13 @@ async def test_kubectl_exec_cp_and_tty(controlplane, kubectl, cluster_agent_fact
             status = _json.loads(got[3])
             assert status["reason"] == "NonZeroExitCode"
             assert status["details"]["causes"] == [{"reason": "ExitCode", "message": "5"}]
+
+        # Attach to a running container's stdin/stdout.
+        url = base + "/attach/default/echo/app?input=1&output=1&error=1"
+        async with session.ws_connect(url, protocols=("v5.channel.k8s.io",), ssl=ctx) as ws:
+            await ws.send_bytes(b"\x00hi\n")
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            assert msg.data == b"\x01got:hi\n"
 
         # A client that goes away ends the exec: its process does not linger.
         url = base + "/exec/default/box/app?command=sleep&command=777&output=1"
