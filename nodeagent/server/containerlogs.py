@@ -104,33 +104,46 @@ def docker_params(opts: LogOptions, now: float) -> dict[str, str]:
     return params
 
 
+async def _read_block(content: aiohttp.StreamReader, limit: int = 1 << 20) -> bytes:
+    """What has arrived (at least one chunk, at most about `limit`): one write per
+    wake-up instead of one per log line, without delaying a follower."""
+    first = await content.readany()
+    if not first:
+        return b""
+    block = bytearray(first)
+    while len(block) < limit:
+        more = content.read_nowait(-1)
+        if not more:
+            break
+        block += more
+    return bytes(block)
+
+
 async def demux(content: aiohttp.StreamReader, tty: bool) -> AsyncIterator[bytes]:
     """Payload bytes of Docker's log stream (stdout and stderr interleaved as written)."""
-    if tty:
-        async for chunk in content.iter_any():
-            yield chunk
-        return
-    buf = bytearray()
+    carry = b""  # an incomplete frame header from the previous block
     need = 0  # payload bytes still owed by the current frame
-    async for chunk in content.iter_any():
-        view = memoryview(chunk)
-        pos = 0
+    while block := await _read_block(content):
+        if tty:
+            yield block
+            continue
+        data = carry + block if carry else block
+        carry = b""
+        view = memoryview(data)
         out = bytearray()
-        while pos < len(view):
+        pos, end = 0, len(data)
+        while pos < end:
             if need:
-                take = min(need, len(view) - pos)
+                take = min(need, end - pos)
                 out += view[pos:pos + take]
                 pos += take
                 need -= take
                 continue
-            # a frame header, maybe split across chunks
-            missing = _HEADER.size - len(buf)
-            buf += view[pos:pos + missing]
-            pos += min(missing, len(view) - pos)
-            if len(buf) < _HEADER.size:
+            if end - pos < _HEADER.size:
+                carry = bytes(view[pos:])
                 break
-            _, need = _HEADER.unpack(buf)
-            buf.clear()
+            need = _HEADER.unpack_from(data, pos)[1]
+            pos += _HEADER.size
         if out:
             yield bytes(out)
 

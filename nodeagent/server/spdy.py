@@ -108,7 +108,7 @@ def decode_headers(block: bytes) -> dict[str, str]:
     for _ in range(count):
         name, i = take(i)
         value, i = take(i)
-        headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        headers[name.decode("utf-8", "replace").lower()] = value.decode("utf-8", "replace")
     return headers
 
 
