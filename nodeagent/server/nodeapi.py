@@ -29,7 +29,7 @@ _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 # The authenticated caller, for handlers that log or audit it.
-USER_KEY = "nodeagent.user"
+USER_KEY: web.RequestKey = web.RequestKey("nodeagent.user", object)
 
 
 class NotFound(Exception):

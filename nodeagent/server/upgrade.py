@@ -10,6 +10,9 @@ from aiohttp import web
 
 from nodeagent.server.spdy import SpdySession, SpdyStream
 
+# The 101 response of an upgraded request, returned by the handler when it ends.
+RESPONSE_KEY: web.RequestKey = web.RequestKey("nodeagent.spdy_response", web.StreamResponse)
+
 
 def client_protocols(request: web.Request) -> list[str]:
     return [p.strip() for value in request.headers.getall("X-Stream-Protocol-Version", [])
@@ -82,7 +85,7 @@ async def upgrade_to_spdy(request: web.Request, protocol: str,
     session = SpdySession(transport.write, drain, server=True, on_stream=on_stream,
                           pause=transport.pause_reading, resume=transport.resume_reading)
     proto.set_parser(_Feeder(session))  # type: ignore[arg-type]
-    request["spdy_response"] = response
+    request[RESPONSE_KEY] = response
     return session
 
 
@@ -97,4 +100,4 @@ async def close_spdy(request: web.Request, session: SpdySession, grace: float = 
     session.feed_eof()
     if request.transport is not None:
         request.transport.close()
-    return request["spdy_response"]
+    return request[RESPONSE_KEY]

@@ -258,3 +258,49 @@ def test_fuzzed_paths_and_queries_are_refused_cleanly(threaded_node_api, kind, s
     assert resp.status in (200, 400, 404, 405, 414), (resp.status, path, qs, body[:200])
     assert "docker" not in runtime.calls
     assert all(c.endswith("uid-1") for c in runtime.calls)
+
+
+async def test_stream_limit_and_idle_timeout(tmp_path):
+    """At most node-api-max-streams sessions at once (429 beyond); an idle session is
+    closed by the node."""
+    from types import SimpleNamespace
+
+    from tests.controlplane.streaming import dial_upgrade
+
+    class SandboxRuntime(RecordingRuntime):
+        async def list_pod_sandboxes(self, pod_uid=None):
+            return [SimpleNamespace(netns_path="/proc/self/ns/net", created_at=1.0)]
+
+    ca = CertificateAuthority.generate()
+    key_pem, cert_pem = ca.issue("ops")
+    (tmp_path / "ops.crt").write_bytes(cert_pem)
+    (tmp_path / "ops.key").write_bytes(key_pem)
+    server = await make_server(tmp_path, NodeAuth(NODE, None), ca.cert_pem, SandboxRuntime())
+    server.streams.limit = 1
+    server.idle_timeout = 1.0
+    ctx = client_ssl((tmp_path / "ops.crt", tmp_path / "ops.key"))
+    try:
+        first = await dial_upgrade("127.0.0.1", server.bound_port, ctx, "/portForward/default/p",
+                                   ["portforward.k8s.io"])
+        assert first[0] == 101
+        second = await dial_upgrade("127.0.0.1", server.bound_port, ctx, "/portForward/default/p",
+                                    ["portforward.k8s.io"])
+        assert second[0] == 429
+        # Wrong protocol: 403 with both lists, like kubelet's handshake.
+        third = await dial_upgrade("127.0.0.1", server.bound_port, ctx, "/portForward/default/p", ["v9.example"])
+        assert third[0] in (403, 429)
+        # The idle session is closed by the node within about the idle timeout.
+        reader = first[3]
+        start = asyncio.get_running_loop().time()
+        async def until_eof() -> None:
+            while await reader.read(65536):
+                pass
+        await asyncio.wait_for(until_eof(), 5)
+        assert asyncio.get_running_loop().time() - start < 4
+        assert server.streams.active == 0
+        again = await dial_upgrade("127.0.0.1", server.bound_port, ctx, "/portForward/default/p",
+                                   ["portforward.k8s.io"])
+        assert again[0] == 101
+        again[4].close()
+    finally:
+        await server.stop()
