@@ -92,6 +92,14 @@ async def test_kubectl_exec_cp_and_tty(controlplane, kubectl, cluster_agent_fact
     assert res.returncode == 127 and "executable file not found" in res.stderr
     res = await kubectl("exec", "-i", "box", "--", "sh", "-c", "tr a-z A-Z", input="hello stdin\n")
     assert res.stdout == "HELLO STDIN\n"
+    # kubectl's SPDY path (WebSockets off): the control plane pipes SPDY to the node.
+    spdy_env = dict(os.environ, KUBECONFIG=str(kubectl.kubeconfig), HOME=str(kubectl.cache_dir),
+                    KUBECTL_REMOTE_COMMAND_WEBSOCKETS="false")
+    done = await asyncio.to_thread(subprocess.run, [kubectl.binary, "exec", "-i", "box", "--", "sh", "-c",
+                                                    "cat; echo spdy >&2; exit 7"],
+                                   input=b"over spdy", capture_output=True, env=spdy_env, timeout=30)
+    assert (done.returncode, done.stdout) == (7, b"over spdy"), done
+    assert b"spdy\n" in done.stderr and b"command terminated with exit code 7" in done.stderr
 
     # kubectl cp both ways (exec + tar).
     payload = os.urandom(300_000)
@@ -195,6 +203,24 @@ async def test_kubectl_port_forward_carries_http(controlplane, kubectl, cluster_
     serve = "mkdir -p /www && echo hello-from-pod > /www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /www"
     controlplane.api.create(PODS_RT, "default", api_pod("web", agent.node_name, [busybox("http", serve)]))
     await agent.wait_api_running_ready("web")
+    # kubectl's SPDY path first (WebSockets off), then its WebSocket tunnel.
+    spdy_env = dict(os.environ, KUBECONFIG=str(kubectl.kubeconfig), HOME=str(kubectl.cache_dir),
+                    KUBECTL_PORT_FORWARD_WEBSOCKETS="false")
+    spdy_pf = await asyncio.create_subprocess_exec(
+        kubectl.binary, "port-forward", "pod/web", ":8080", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=spdy_env)
+    try:
+        m = None
+        while m is None:
+            line = (await asyncio.wait_for(spdy_pf.stdout.readline(), 15)).decode()
+            m = re.match(r"Forwarding from 127\.0\.0\.1:(\d+) -> 8080", line)
+        body = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{m.group(1)}/index.html", timeout=10).read())
+        assert body == b"hello-from-pod\n"
+    finally:
+        spdy_pf.kill()
+        await spdy_pf.wait()
+
     proc = await asyncio.create_subprocess_exec(
         kubectl.binary, "port-forward", "pod/web", ":8080", ":9999",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
