@@ -98,7 +98,7 @@ async def main() -> None:
         node = f"https://127.0.0.1:{agent.api_port}"
         res: dict[str, list[float]] = {k: [] for k in (
             "kubectl_exec", "docker_exec", "nodeapi_logs", "docker_logs", "kubectl_logs",
-            "pf", "direct", "rss_before", "rss_peak")}
+            "pf", "pf_node", "direct", "rss_before", "rss_peak")}
 
         for round_ in range(args.rounds):
             # --- exec round trip
@@ -165,6 +165,33 @@ async def main() -> None:
             finally:
                 pf.kill()
                 await pf.wait()
+            # --- port-forward at the node API alone (an SPDY client in this process)
+            from nodeagent.server.spdy import SpdySession
+            from tests.controlplane.streaming import dial_upgrade
+
+            status, _, _, reader, writer = await dial_upgrade(
+                "127.0.0.1", agent.api_port, ssl_ctx, "/portForward/default/bench", ["portforward.k8s.io"])
+            assert status == 101
+            session = SpdySession(writer.write, writer.drain, server=False)
+
+            async def feed() -> None:
+                while chunk := await reader.read(1 << 20):
+                    session.feed(chunk)
+                session.feed_eof()
+            feeder = asyncio.create_task(feed())
+            try:
+                await session.open_stream({"streamtype": "error", "port": "8080", "requestid": "0"})
+                data = await session.open_stream({"streamtype": "data", "port": "8080", "requestid": "0"})
+                t = time.perf_counter()
+                await data.write(b"GET /big HTTP/1.0\r\n\r\n")
+                n = 0
+                while chunk := await data.read():
+                    n += len(chunk)
+                assert n > args.pf_mib * MIB, n
+                res["pf_node"].append(args.pf_mib * MIB / MIB / (time.perf_counter() - t))
+            finally:
+                feeder.cancel()
+                writer.close()
             print(f"round {round_ + 1} done", flush=True)
 
         med = {k: statistics.median(v) for k, v in res.items() if v}
@@ -177,7 +204,8 @@ async def main() -> None:
         print(f"agent RSS during node API log reads: before {med['rss_before']:.0f} MiB, "
               f"peak {max(res['rss_peak']):.0f} MiB")
         print(f"port-forward {args.pf_mib} MiB: kubectl port-forward {med['pf']:.0f} MiB/s, direct "
-              f"{med['direct']:.0f} MiB/s, ratio {med['pf'] / med['direct']:.2f}")
+              f"{med['direct']:.0f} MiB/s, ratio {med['pf'] / med['direct']:.2f}; node API alone "
+              f"(SPDY client -> node -> pod) {med['pf_node']:.0f} MiB/s, ratio {med['pf_node'] / med['direct']:.2f}")
         print(f"load average: {os.getloadavg()}")
     finally:
         await agent.acleanup()

@@ -43,6 +43,11 @@ async def test_kubectl_logs_through_the_node_api(controlplane, kubectl, cluster_
 
     res = await kubectl("logs", "logs")
     assert res.stdout == "second\n"
+    # nodes/proxy reaches the node API too (the path kubectl top-style readers use).
+    res = await kubectl("get", "--raw", f"/api/v1/nodes/{agent.node_name}/proxy/healthz")
+    assert res.stdout == "ok"
+    res = await kubectl("get", "--raw", f"/api/v1/nodes/{agent.node_name}/proxy/pods")
+    assert [p["metadata"]["name"] for p in res.json()["items"]] == ["logs"]
     res = await kubectl("logs", "logs", "--previous")
     assert res.stdout == "first-1\nfirst-2\nfirst-3\n"
     res = await kubectl("logs", "logs", "--previous", "--tail=1")
