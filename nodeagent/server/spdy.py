@@ -269,7 +269,11 @@ class SpdySession:
                 first, second = struct.unpack_from(">II", self._buf, 0)
                 length = second & 0xFFFFFF
                 if len(self._buf) < 8 + length:
+                    if first & 0x80000000 and length > MAX_HEADER_BLOCK + 16:
+                        raise SpdyError(f"control frame of {length} bytes")
                     break
+                if first & 0x80000000 and length > MAX_HEADER_BLOCK + 16:
+                    raise SpdyError(f"control frame of {length} bytes")
                 flags = second >> 24
                 payload = bytes(self._buf[8:8 + length])
                 del self._buf[:8 + length]
@@ -282,6 +286,9 @@ class SpdySession:
                     self._data(first & 0x7FFFFFFF, flags, payload)
         except (SpdyError, zlib.error, struct.error, UnicodeDecodeError) as exc:
             self.error = f"SPDY protocol error: {exc}"
+            self.feed_eof()
+        except Exception as exc:  # a handler's bug must not escape into the transport
+            self.error = f"SPDY session failed: {exc!r}"
             self.feed_eof()
 
     def feed_eof(self) -> None:

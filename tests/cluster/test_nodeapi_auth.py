@@ -304,3 +304,28 @@ async def test_stream_limit_and_idle_timeout(tmp_path):
         again[4].close()
     finally:
         await server.stop()
+
+
+def test_wiring_standalone_off_without_client_ca_and_settings_checked(tmp_path):
+    from types import SimpleNamespace
+
+    from nodeagent.config import ConfigError, Settings, build_settings
+    from nodeagent.server.wiring import build_node_api
+
+    settings = Settings(manifest_dir=str(tmp_path), root_dir=str(tmp_path / "root"), node_name=NODE,
+                        node_api_address="127.0.0.1:0")
+    agent = SimpleNamespace(settings=settings, cluster=None, host_ip="127.0.0.1", pod_list=lambda: [],
+                            runtime=RecordingRuntime(), server=SimpleNamespace(_checks={}))
+    assert build_node_api(agent) is None
+    ca = CertificateAuthority.generate()
+    (tmp_path / "ca.crt").write_bytes(ca.cert_pem)
+    settings.client_ca_file = str(tmp_path / "ca.crt")
+    server = build_node_api(agent)
+    assert server is not None and server.auth.client is None and (server.host, server.port) == ("127.0.0.1", 0)
+    assert (tmp_path / "root" / "pki" / "kubelet.key").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(ConfigError, match="node-api-address"):
+        build_settings(None, {"manifest-dir": str(tmp_path), "node-api-address": "nope"})
+    settings.tls_cert_file = str(tmp_path / "missing.crt")
+    settings.tls_private_key_file = str(tmp_path / "missing.key")
+    with pytest.raises(ValueError, match="does not exist"):
+        build_node_api(agent)
