@@ -773,7 +773,7 @@ class ControlPlane:
         else:
             node_name, target, query = name, proxy_path or "/", dict(request.query)
         host, port = self._kubelet_address(node_name)
-        url = f"https://{host}:{port}{target}"
+        url = f"https://{f'[{host}]' if ':' in host else host}:{port}{target}"
         ssl_ctx = self._kubelet_ssl()
         body = await request.read()
         try:
