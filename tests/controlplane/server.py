@@ -765,6 +765,10 @@ class ControlPlane:
                     raise ApiStatusError("BadRequest", f"a container name must be specified for pod {name}, "
                                          f"choose one of: [{' '.join(containers)}]")
                 container = containers[0]
+            spec = pod_obj.get("spec") or {}
+            if container not in containers + [c["name"] for k in ("initContainers", "ephemeralContainers")
+                                              for c in spec.get(k) or []]:
+                raise ApiStatusError("BadRequest", f"container {container} is not valid for pod {name}")
             node_name = (pod_obj.get("spec") or {}).get("nodeName")
             if not node_name:
                 raise ApiStatusError("BadRequest", f"pod {name} does not have a host assigned")
