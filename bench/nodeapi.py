@@ -114,7 +114,7 @@ async def main() -> None:
                        "exec httpd -f -p 8080 -h /www")
         cp.api.create(PODS_RT, "default", api_pod("bench", agent.node_name, [
             busybox("logs", log_script), busybox("http", http_script)]))
-        pod = await agent.wait_api_running_ready("bench", timeout=120)
+        pod = await agent.wait_api_running_ready("bench", timeout=600)
         pod_ip = pod["status"]["podIP"]
         containers = {c["name"]: c["containerID"].split("//")[1] for c in pod["status"]["containerStatuses"]}
         # Wait until the whole log is in Docker's log file.
