@@ -26,7 +26,7 @@ from aiohttp import WSMsgType, web
 
 from nodeagent.server import upgrade
 from nodeagent.server.nodeapi import NodeApiServer, NotFound, Target, idle_watchdog
-from nodeagent.server.spdy import SpdySession, SpdyStream
+from nodeagent.server.spdy import SpdyStream
 
 log = structlog.get_logger(__name__)
 
