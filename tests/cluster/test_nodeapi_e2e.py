@@ -119,6 +119,19 @@ async def test_kubectl_exec_cp_and_tty(controlplane, kubectl, cluster_agent_fact
     await kubectl("cp", "box:/tmp/blob.bin", str(back))
     assert back.read_bytes() == payload
 
+    # kubectl attach: the container's own stdin and stdout, through the control plane.
+    attach = await asyncio.create_subprocess_exec(
+        kubectl.binary, "attach", "-i", "echo", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(os.environ, KUBECONFIG=str(kubectl.kubeconfig), HOME=str(kubectl.cache_dir)))
+    try:
+        attach.stdin.write(b"via kubectl attach\n")
+        await attach.stdin.drain()
+        assert await asyncio.wait_for(attach.stdout.readline(), 15) == b"got:via kubectl attach\n"
+    finally:
+        attach.kill()
+        await attach.wait()
+
     # WebSocket straight to the node (v5.channel.k8s.io), as v1.36's
     # ExtendWebSocketsToKubelet would: channel bytes, stdin close, status on channel 3.
     import json as _json
