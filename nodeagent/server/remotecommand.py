@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -167,6 +168,7 @@ class WebSocketChannels(Channels):
         self.stdin: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
         self.resize_q: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
         self.closed = asyncio.Event()
+        self.last_activity = time.monotonic()
 
     async def pump(self) -> None:
         """Reads the client's messages into the stdin and resize queues."""
@@ -174,6 +176,7 @@ class WebSocketChannels(Channels):
 
         try:
             async for msg in self.ws:
+                self.last_activity = time.monotonic()
                 if msg.type == WSMsgType.BINARY and not self.base64:
                     data = msg.data
                     if not data:
@@ -204,6 +207,7 @@ class WebSocketChannels(Channels):
         return await self.stdin.get()
 
     async def _send(self, channel: int, data: bytes) -> None:
+        self.last_activity = time.monotonic()
         if self.base64:
             import base64 as b64  # noqa: PLC0415
 
@@ -471,12 +475,15 @@ async def _serve_websocket(server: NodeApiServer, request: web.Request, kind: st
         await ws.prepare(request)
         channels = WebSocketChannels(ws, ready.protocol)
         pump = asyncio.create_task(channels.pump())
+        watchdog = asyncio.create_task(idle_watchdog(lambda: channels.last_activity, server.idle_timeout,
+                                                     ws.close, channels.closed))
         try:
             run = run_exec if kind == "exec" else run_attach
             await run(server.runtime.docker, target, opts, channels, _Closed(channels.closed))
         except (ConnectionError, aiodocker.DockerError) as exc:
             log.info(f"{kind} ended with an error", error=str(exc))
         finally:
+            watchdog.cancel()
             await ws.close()
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
