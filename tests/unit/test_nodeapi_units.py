@@ -117,3 +117,28 @@ def test_exit_status_is_what_kubectl_reads():
     failed = exit_status(3, ["sh", "-c", "exit 3"])
     assert failed["reason"] == "NonZeroExitCode"
     assert failed["details"]["causes"] == [{"reason": "ExitCode", "message": "3"}]
+
+
+@given(st.lists(st.tuples(st.integers(1, 12), st.integers(0, 255), st.binary(max_size=64)), max_size=12),
+       st.booleans())
+@settings(max_examples=100, deadline=None)
+def test_fuzzed_control_frames_only_close_the_session(frames, server):
+    """Well-framed control frames with arbitrary payloads: the session either handles
+    them or closes itself with a protocol error; nothing escapes into the transport."""
+    async def run():
+        out: list[bytes] = []
+        opened: list[spdy.SpdyStream] = []
+        session = spdy.SpdySession(out.append, _noop, server=server,
+                                   on_stream=lambda s: (s.reply(), opened.append(s)))
+        for kind, flags, payload in frames:
+            session.feed(spdy.control_frame(kind, flags, payload))
+        assert session.closed.is_set() or session.error is None
+        # Whatever it wrote back is itself well-framed SPDY.
+        data = b"".join(out)
+        pos = 0
+        while pos < len(data):
+            length = int.from_bytes(data[pos + 5:pos + 8], "big")
+            assert data[pos] & 0x80 and data[pos + 1] == 3
+            pos += 8 + length
+        assert pos == len(data)
+    asyncio.run(run())
