@@ -18,7 +18,7 @@ import socket
 import threading
 
 import structlog
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from nodeagent.server import upgrade
 from nodeagent.server.nodeapi import NodeApiServer, NotFound, Target, idle_watchdog
@@ -130,6 +130,8 @@ def make_handler(server: NodeApiServer):
             target = await server.resolve(request, container=False)
         except NotFound as exc:
             return web.Response(status=404, text=str(exc))
+        if upgrade.wants_websocket(request):
+            return await _serve_websocket(server, request, target)
         if not upgrade.wants_spdy(request):
             return web.Response(status=400, text="Upgrade request required")
         protocol = upgrade.negotiate(request, [PROTOCOL])
@@ -183,3 +185,65 @@ async def _serve(server: NodeApiServer, request: web.Request, target: Target, pr
                 await task
     return await upgrade.close_spdy(request, session)
 
+
+
+WS_PROTOCOLS = ["v4.channel.k8s.io", "channel.k8s.io"]
+
+
+async def _serve_websocket(server: NodeApiServer, request: web.Request, target: Target) -> web.StreamResponse:
+    """kubelet's WebSocket port-forward: ports from the `port` query; for port i,
+    channel 2i carries data both ways and 2i+1 errors; each channel starts with the
+    port number (2 bytes, little-endian). One connection per port per WebSocket."""
+    raw = request.query.getall("port", [])
+    if not raw or len(raw) > 64 or not all(p.isdigit() and 0 < int(p) < 65536 for p in raw):
+        return web.Response(status=400, text='query parameter "port" is required: one or more ports 1-65535')
+    ports = [int(p) for p in raw]
+    ws = web.WebSocketResponse(protocols=WS_PROTOCOLS, max_msg_size=4 * 1024 * 1024)
+    if not ws.can_prepare(request).ok:
+        return web.Response(status=400, text="WebSocket upgrade failed")
+    if not server.streams.try_acquire():
+        return web.Response(status=429, text="too many concurrent streams on this node")
+    writers: dict[int, asyncio.StreamWriter] = {}
+    tasks: list[asyncio.Task] = []
+    name = target.pod["metadata"]["name"]
+    try:
+        await ws.prepare(request)
+        for i, port in enumerate(ports):
+            prefix = port.to_bytes(2, "little")
+            await ws.send_bytes(bytes([2 * i]) + prefix)
+            await ws.send_bytes(bytes([2 * i + 1]) + prefix)
+        for i, port in enumerate(ports):
+            try:
+                assert target.netns_path is not None
+                reader, writer = await connect_in_pod(target.netns_path, port)
+            except Exception as exc:  # noqa: BLE001 - reported on the port's error channel
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or "timeout"
+                await ws.send_bytes(bytes([2 * i + 1]) + (
+                    f"error forwarding port {port} to pod {name}, uid {target.uid}: "
+                    f"failed to connect to localhost:{port} inside namespace of pod {name}: {reason}").encode())
+                continue
+            writers[i] = writer
+
+            async def from_pod(i: int = i, reader: asyncio.StreamReader = reader) -> None:
+                with contextlib.suppress(ConnectionError):
+                    while chunk := await reader.read(64 * 1024):
+                        await ws.send_bytes(bytes([2 * i]) + chunk)
+            tasks.append(asyncio.create_task(from_pod()))
+        async for msg in ws:
+            if msg.type != WSMsgType.BINARY or not msg.data:
+                continue
+            channel, payload = msg.data[0], msg.data[1:]
+            writer = writers.get(channel // 2) if channel % 2 == 0 else None
+            if writer is not None and payload:
+                writer.write(payload)
+                await writer.drain()
+        return ws
+    except ConnectionError:
+        return ws
+    finally:
+        for task in tasks:
+            task.cancel()
+        for writer in writers.values():
+            writer.close()
+        await ws.close()
+        server.streams.release()

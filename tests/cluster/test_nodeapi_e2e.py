@@ -265,6 +265,25 @@ async def test_kubectl_port_forward_carries_http(controlplane, kubectl, cluster_
         _, err = await proc.communicate()
     assert b"error forwarding port 9999 to pod web" in err, err
 
+    # WebSocket port-forward straight to the node (kubelet's channel pairs per port).
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        url = f"wss://127.0.0.1:{agent.api_port}/portForward/default/web?port=8080&port=9999"
+        async with session.ws_connect(url, protocols=("v4.channel.k8s.io",), ssl=controlplane._kubelet_ssl()) as ws:
+            assert ws.protocol == "v4.channel.k8s.io"
+            firsts = [await asyncio.wait_for(ws.receive_bytes(), 10) for _ in range(4)]
+            assert firsts == [b"\x00\x90\x1f", b"\x01\x90\x1f", b"\x02\x0f\x27", b"\x03\x0f\x27"]
+            error = await asyncio.wait_for(ws.receive_bytes(), 10)
+            assert error[0] == 3 and b"error forwarding port 9999" in error
+            await ws.send_bytes(b"\x00GET /index.html HTTP/1.0\r\n\r\n")
+            body = b""
+            while not body.endswith(b"hello-from-pod\n"):
+                msg = await asyncio.wait_for(ws.receive_bytes(), 10)
+                assert msg[0] == 0
+                body += msg[1:]
+            assert body.startswith(b"HTTP/1.")
+
     # At the node, a failed port leaves the other forwards on the same connection alone.
     from nodeagent.server.spdy import SpdySession
     from tests.controlplane.streaming import dial_upgrade
