@@ -210,6 +210,8 @@ class Agent:
             container_logs=(ContainerLogs(self.runtime, self.pod_list).handler
                             if _is_loopback(settings.status_host_port[0]) else None),
         )
+        # The node API (HTTPS, kubelet's port 10250); built at start (certificate files).
+        self.node_api = None
         self._file_pods: set[str] = set()
         self._sandbox_image_id: str | None = None
         self._sandbox_lock = asyncio.Lock()
@@ -247,6 +249,9 @@ class Agent:
                          f"reason:NetworkPluginNotReady message:{net_why}")]
 
     def _kubelet_port(self) -> int:
+        """daemonEndpoints.kubeletEndpoint: the node API when it runs, else the status port."""
+        if self.node_api is not None:
+            return self.node_api.bound_port or self.node_api.port
         return self.server.bound_port or self.server.port
 
     def _on_status(self, uid: str, status: dict) -> None:
@@ -379,6 +384,17 @@ class Agent:
         await retry(start, Delay(1.0, 30.0), on_error=failed)
         self._network_error = None
 
+    async def _start_node_api(self) -> None:
+        from nodeagent.server.wiring import build_node_api
+
+        try:
+            self.node_api = await asyncio.to_thread(build_node_api, self)
+            if self.node_api is not None:
+                await self.node_api.start()
+        except (OSError, ValueError) as exc:  # a bad certificate or a taken port: say so, run on
+            log.error("node API not started", error=str(exc), address=self.settings.node_api_address)
+            self.node_api = None
+
     # --- views ---------------------------------------------------------------------
 
     def pod_list(self) -> list[dict]:
@@ -398,6 +414,7 @@ class Agent:
                  manifest_dir=self.settings.manifest_dir, pod_cidr=self.settings.pod_cidr,
                  host_ip=self.host_ip)
         await self.server.start()
+        await self._start_node_api()
         # systemd: WATCHDOG=1 from this loop from the start (registration and network setup
         # may take a while), READY=1 once every source synced.
         from nodeagent.systemd import for_agent
@@ -431,6 +448,11 @@ class Agent:
                     tg.create_task(self.proxy.run(), name="service-proxy")
                 if self.host_ports is not None:
                     tg.create_task(self.host_ports.run(), name="host-ports")
+                if self.node_api is not None:
+                    from nodeagent.server.wiring import reload_serving_cert
+
+                    tg.create_task(reload_serving_cert(self.settings, self.node_api.ssl_context),
+                                   name="node-api-certificate")
                 if self.service_feed is not None:
                     tg.create_task(self.service_feed.run(), name="service-feed")
         finally:
@@ -441,5 +463,7 @@ class Agent:
             if self.cluster is not None:
                 await self.cluster.client.close()
             await self.server.stop()
+            if self.node_api is not None:
+                await self.node_api.stop()
             await self.runtime.close()
             await self.network.stop()

@@ -93,15 +93,32 @@ class Settings:
     # kubernetes.io/kubelet-serving signer (kubelet's serverTLSBootstrap).
     rotate_certificates: bool = True
     server_tls_bootstrap: bool = True
-    # The node API's TLS files; unset: <root-dir>/pki/kubelet-server-current.pem (cert
-    # and key in one file, renewed in place).
+    # --- node API (kubelet's HTTPS port: logs, exec, attach, port-forward, stats) ---
+    # On in cluster mode; in standalone mode only when client-ca-file is set.
+    node_api_address: str = "0.0.0.0:10250"
+    # Serving certificate. Unset: on a joined node the kubelet-serving certificate
+    # <root-dir>/pki/kubelet-server-current.pem (cert and key in one file, renewed in
+    # place and reloaded by the node API), else root-dir/pki/kubelet.crt|key, created
+    # self-signed on first start when absent.
     tls_cert_file: str | None = None
     tls_private_key_file: str | None = None
+    # CA bundle for client certificates (default: the kubeconfig's cluster CA).
+    client_ca_file: str | None = None
+    anonymous_auth: bool = False
+    # Concurrent exec/attach/port-forward/follow streams, and how long one may idle
+    # (kubelet's streaming-connection-idle-timeout, 4h).
+    node_api_max_streams: int = 64
+    streaming_idle_timeout: float = 14400.0
 
     @property
     def status_host_port(self) -> tuple[str, int]:
         host, _, port = self.status_address.rpartition(":")
         return host.strip("[]") or "127.0.0.1", int(port)
+
+    @property
+    def node_api_host_port(self) -> tuple[str, int]:
+        host, _, port = self.node_api_address.rpartition(":")
+        return host.strip("[]") or "0.0.0.0", int(port)
 
     @property
     def state_dir(self) -> Path:
@@ -199,6 +216,16 @@ def validate(s: Settings) -> None:
         raise ConfigError(
             f"status-address: expected HOST:PORT, got {s.status_address!r}"
         ) from None
+    try:
+        _, port = s.node_api_host_port
+        if not 0 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"node-api-address: expected HOST:PORT, got {s.node_api_address!r}"
+        ) from None
+    if s.node_api_max_streams < 1 or s.streaming_idle_timeout <= 0:
+        raise ConfigError("node-api-max-streams and streaming-idle-timeout must be positive")
     if not s.node_name or len(s.node_name) > 253:
         raise ConfigError(f"node-name: invalid node name {s.node_name!r}")
     for name in ("node_status_update_period", "node_status_report_period", "lease_renew_period",

@@ -136,7 +136,7 @@ async def test_node_registration_status_and_lease(cp_recording, rkubectl, cluste
     pretty = next(line.split("=", 1)[1].strip('"') for line in Path("/etc/os-release").read_text().splitlines()
                   if line.startswith("PRETTY_NAME="))
     assert info["osImage"] == pretty
-    assert status["daemonEndpoints"]["kubeletEndpoint"]["Port"] == agent.port
+    assert status["daemonEndpoints"]["kubeletEndpoint"]["Port"] == agent.api_port
     conds = _conditions(node)
     assert conds["Ready"]["reason"] == "KubeletReady"
     assert {k: conds[k]["status"] for k in ("MemoryPressure", "DiskPressure", "PIDPressure")} == \

@@ -65,6 +65,11 @@ class ClusterAgent(AgentProcess):
             "lease-renew-period": 2.0,
             "node-registration-wait": 10.0,
         }
+        # The node API (HTTPS) on a free loopback port; tests reach it at api_port.
+        from tests.e2e.conftest import free_port  # noqa: PLC0415
+
+        self.api_port = free_port()
+        config["node-api-address"] = f"127.0.0.1:{self.api_port}"
         config.update(extra_config or {})
         super().__init__(workdir, extra_config=config)
         self.controlplane = controlplane

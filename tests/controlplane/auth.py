@@ -120,9 +120,18 @@ _BOOTSTRAP_RULES: dict[str, set[str]] = {
 
 
 def authorize(user: UserInfo, verb: str, plural: str | None, subresource: str | None,
-              namespace: str | None, name: str | None, path: str) -> bool:
+              namespace: str | None, name: str | None, path: str,
+              grants: dict[str, dict[str, set[str]]] | None = None) -> bool:
+    """`grants`: extra rules a test bound to a user or group (like a ClusterRoleBinding):
+    subject -> {"plural[/subresource]": verbs}."""
     if user.is_admin:
         return True
+    if grants and plural is not None:
+        resource = plural + (f"/{subresource}" if subresource else "")
+        for subject in (user.name, *user.groups):
+            verbs = grants.get(subject, {}).get(resource, set())
+            if verb in verbs or "*" in verbs:
+                return True
     if plural is None:  # non-resource URL
         if path in PUBLIC_PATHS or path.startswith(("/healthz/", "/livez/", "/readyz/")):
             return True

@@ -104,6 +104,8 @@ class ControlPlane:
             self.admin_token = persist.load_or_create_admin_token(self.state_dir, admin_token, self.admin_token)
         self.authenticator = Authenticator(self.store, {self.admin_token: ADMIN}, self.sa_signer)
         self.request_counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        # RBAC-like bindings tests add: subject (user or group) -> {resource: verbs}.
+        self.grants: dict[str, dict[str, set[str]]] = {}
         self._faults: list[_InjectedFault] = []
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -278,6 +280,10 @@ class ControlPlane:
         ctx.load_verify_locations(cadata=self.ca.cert_pem.decode())
         ctx.verify_mode = ssl.CERT_OPTIONAL
         self._ssl = ctx
+
+    def grant(self, subject: str, resource: str, verbs: list[str] | tuple[str, ...]) -> None:
+        """Allow `subject` (a user or group name) `verbs` on `resource` ("nodes/proxy")."""
+        self.grants.setdefault(subject, {}).setdefault(resource, set()).update(verbs)
 
     def issue_client_cert(self, user: str, groups: list[str] | tuple[str, ...] = (), *,
                           validity: dt.timedelta = dt.timedelta(days=1)) -> tuple[Path, Path]:
@@ -590,7 +596,7 @@ class ControlPlane:
 
     def _authorize(self, user: UserInfo, verb: str, rt: ResourceType | None, sub: str | None,
                    namespace: str | None, name: str | None, path: str) -> None:
-        if not authorize(user, verb, rt.plural if rt else None, sub, namespace, name, path):
+        if not authorize(user, verb, rt.plural if rt else None, sub, namespace, name, path, self.grants):
             if rt is None:
                 raise ApiStatusError("Forbidden", f'forbidden: User "{user.name}" cannot {verb} path "{path}"')
             from .errors import forbidden  # noqa: PLC0415
@@ -706,6 +712,11 @@ class ControlPlane:
             verb = "delete" if name is not None else "deletecollection"
         else:
             raise ApiStatusError("MethodNotAllowed", f"{method} is not supported", code=405)
+        if sub in ("exec", "attach", "portforward"):
+            # Like the real server (since the WebSocket GET fix), opening a stream is "create".
+            self.request_counts[(user.name, "create", f"{rt.plural}/{sub}")] += 1
+            self._authorize(user, "create", rt, sub, namespace, name, request.path)
+            return await self._kubelet_stream(request, rt, namespace or "default", name or "", sub)
         if sub in ("log", "proxy"):
             verb = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch",
                     "DELETE": "delete"}.get(method, verb)
@@ -807,6 +818,10 @@ class ControlPlane:
                     raise ApiStatusError("BadRequest", f"a container name must be specified for pod {name}, "
                                          f"choose one of: [{' '.join(containers)}]")
                 container = containers[0]
+            spec = pod_obj.get("spec") or {}
+            if container not in containers + [c["name"] for k in ("initContainers", "ephemeralContainers")
+                                              for c in spec.get(k) or []]:
+                raise ApiStatusError("BadRequest", f"container {container} is not valid for pod {name}")
             node_name = (pod_obj.get("spec") or {}).get("nodeName")
             if not node_name:
                 raise ApiStatusError("BadRequest", f"pod {name} does not have a host assigned")
@@ -814,6 +829,54 @@ class ControlPlane:
             query = {k: v for k, v in request.query.items() if k != "container"}
         else:
             node_name, target, query = name, proxy_path or "/", dict(request.query)
+        host, port = self._kubelet_address(node_name)
+        url = f"https://{f'[{host}]' if ':' in host else host}:{port}{target}"
+        ssl_ctx = self._kubelet_ssl()
+        body = await request.read()
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.request(request.method, url, params=query, data=body or None,
+                                           ssl=ssl_ctx,
+                                           timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as upstream:
+                    response = web.StreamResponse(status=upstream.status, headers={
+                        "Content-Type": upstream.headers.get("Content-Type", "text/plain")})
+                    await response.prepare(request)
+                    async for chunk in upstream.content.iter_any():
+                        await response.write(chunk)
+                    await response.write_eof()
+                    return response
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ApiStatusError("ServiceUnavailable", f"error trying to reach the kubelet at {url}: {exc}",
+                                 code=503) from exc
+
+    async def _kubelet_stream(self, request: web.Request, rt: ResourceType, namespace: str, name: str,
+                              sub: str) -> web.StreamResponse:
+        """pods/exec, pods/attach, pods/portforward: see tests/controlplane/streaming.py."""
+        from . import streaming  # noqa: PLC0415
+
+        pod_obj = self.api.get(rt, namespace, name)
+        spec = pod_obj.get("spec") or {}
+        container = request.query.get("container") or ""
+        names = [c["name"] for c in spec.get("containers") or []]
+        if sub != "portforward":
+            if not container:
+                if len(names) != 1:
+                    raise ApiStatusError("BadRequest", f"a container name must be specified for pod {name}, "
+                                         f"choose one of: [{' '.join(names)}]")
+                container = names[0]
+            elif container not in names + [c["name"] for c in spec.get("initContainers") or []]:
+                raise ApiStatusError("BadRequest", f"container {container} is not valid for pod {name}")
+        phase = (pod_obj.get("status") or {}).get("phase")
+        if phase in ("Succeeded", "Failed"):
+            raise ApiStatusError("BadRequest", f"cannot {sub} into a container in a completed pod; "
+                                 f"current phase is {phase}")
+        node_name = spec.get("nodeName")
+        if not node_name:
+            raise ApiStatusError("BadRequest", f"pod {name} does not have a host assigned")
+        host, port = self._kubelet_address(node_name)
+        return await streaming.serve(request, sub, namespace, name, container, host, port, self._kubelet_ssl())
+
+    def _kubelet_address(self, node_name: str) -> tuple[str, int]:
         node = self.store.get("/nodes", None, node_name)
         if node is None:
             raise ApiStatusError("NotFound", f'nodes "{node_name}" not found')
@@ -830,8 +893,9 @@ class ControlPlane:
             raise ApiStatusError("ServiceUnavailable",
                                  f"refusing to proxy to node address {address}: outside "
                                  f"{list(self.options.kubelet_proxy_networks)} (test network safety)", code=503)
-        host = f"[{address}]" if ":" in address else address
-        url = f"https://{host}:{port}{target}"
+        return address, int(port)
+
+    def _kubelet_ssl(self) -> ssl.SSLContext:
         if self._kubelet_client_ssl is None:
             key_pem, cert_pem = self.ca.issue("kube-apiserver-kubelet-client", ["system:masters"])
             cert_file, key_file = self.state_dir / "apiserver-kubelet-client.crt", self.state_dir / "apiserver-kubelet-client.key"
@@ -842,22 +906,7 @@ class ControlPlane:
             ctx.verify_mode = ssl.CERT_NONE
             ctx.load_cert_chain(cert_file, key_file)
             self._kubelet_client_ssl = ctx
-        body = await request.read()
-        try:
-            async with aiohttp.ClientSession() as session:
-                async with session.request(request.method, url, params=query, data=body or None,
-                                           ssl=self._kubelet_client_ssl,
-                                           timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)) as upstream:
-                    response = web.StreamResponse(status=upstream.status, headers={
-                        "Content-Type": upstream.headers.get("Content-Type", "text/plain")})
-                    await response.prepare(request)
-                    async for chunk in upstream.content.iter_any():
-                        await response.write(chunk)
-                    await response.write_eof()
-                    return response
-        except (aiohttp.ClientError, OSError) as exc:
-            raise ApiStatusError("ServiceUnavailable", f"error trying to reach the kubelet at {url}: {exc}",
-                                 code=503) from exc
+        return self._kubelet_client_ssl
 
     def _token_review(self, body: dict) -> dict:
         token = (body.get("spec") or {}).get("token", "")
@@ -878,7 +927,7 @@ class ControlPlane:
         if attrs:
             allowed = authorize(user, attrs.get("verb", ""), attrs.get("resource"),
                                 attrs.get("subresource") or None, attrs.get("namespace") or None,
-                                attrs.get("name") or None, "")
+                                attrs.get("name") or None, "", self.grants)
         else:
             non = spec.get("nonResourceAttributes") or {}
             allowed = authorize(user, non.get("verb", ""), None, None, None, None, non.get("path", ""))
