@@ -58,6 +58,10 @@ class Settings:
     # uses the Node's spec.podCIDR); with the API unreachable the network starts after
     # this long with the last known (or configured) pod CIDR, and registration goes on.
     node_registration_wait: float = 10.0
+    # Resource usage (nodeagent/stats/): cgroups are sampled this often; filesystem
+    # usage (writable layers, logs, emptyDirs: a directory walk) every stats-fs-interval.
+    stats_interval: float = 10.0
+    stats_fs_interval: float = 60.0
 
     @property
     def status_host_port(self) -> tuple[str, int]:
@@ -155,6 +159,8 @@ def validate(s: Settings) -> None:
             raise ConfigError(f"{name.replace('_', '-')}: must be positive, got {getattr(s, name)}")
     if s.kube_api_qps < 0 or s.node_registration_wait < 0:
         raise ConfigError("kube-api-qps and node-registration-wait must not be negative")
+    if s.stats_interval <= 0 or s.stats_fs_interval <= 0:
+        raise ConfigError("stats-interval and stats-fs-interval: must be positive")
     if s.max_pods < 1:
         raise ConfigError(f"max-pods: must be at least 1, got {s.max_pods}")
     try:

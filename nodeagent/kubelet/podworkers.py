@@ -58,6 +58,8 @@ class PodWorkers:
         self._tg: asyncio.TaskGroup | None = None
         self._on_sync_duration = on_sync_duration
         self._started = asyncio.Event()
+        # Optional: called with ("sync" | "kill", seconds) after each worker pass (metrics).
+        self.observer: Callable[[str, float], None] | None = None
 
     async def run(self) -> None:
         """Own the worker tasks; cancelling this cancels them all."""
@@ -124,6 +126,7 @@ class PodWorkers:
                     pass
             worker.wake.clear()
             started = time.monotonic()
+            operation = "kill" if worker.removed else "sync"
             try:
                 if worker.removed:
                     await self._syncer.terminate_pod(worker.uid, worker.pod)
@@ -149,3 +152,5 @@ class PodWorkers:
                 worker.last_sync = time.monotonic()
                 if self._on_sync_duration is not None:
                     self._on_sync_duration(worker.uid, worker.last_sync - started)
+                if self.observer is not None:
+                    self.observer(operation, worker.last_sync - started)

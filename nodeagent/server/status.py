@@ -1,5 +1,6 @@
-"""The node's HTTP status endpoint (kubelet's read-only port): /healthz, /pods, and
-/proxy (the service proxy's service -> endpoints table)."""
+"""The node's HTTP status endpoint (kubelet's read-only port): /healthz, /readyz, /pods,
+and /proxy (the service proxy's service -> endpoints table); stats, metrics and the
+status page are mounted from their own modules (``mount``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Callable
 
 import structlog
 from aiohttp import web
+
+from nodeagent.server.metrics import limits_middleware
 
 log = structlog.get_logger(__name__)
 
@@ -23,20 +26,28 @@ class StatusServer:
         pods: Callable[[], list[dict]],
         checks: dict[str, HealthCheck],
         proxy: Callable[[], str] | None = None,
+        ready_checks: dict[str, HealthCheck] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self._pods = pods
         self._checks = checks
+        self._ready_checks = {**checks, **(ready_checks or {})}
         self._runner: web.AppRunner | None = None
-        self.app = web.Application()
+        # Bounded requests in flight and a deadline per answer (nodeagent/server/metrics.py).
+        self.app = web.Application(middlewares=[limits_middleware()])
         self.app.router.add_get("/healthz", self._healthz)
+        self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/pods", self._list_pods)
         self.app.router.add_get("/pods/", self._list_pods)
         self._proxy = proxy
         if proxy is not None:
             self.app.router.add_get("/proxy", self._show_proxy)
         self.bound_port: int | None = None
+
+    def mount(self, routes: list[web.RouteDef]) -> None:
+        """Add handlers owned by other modules (stats, metrics, the status page)."""
+        self.app.router.add_routes(routes)
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
@@ -54,17 +65,23 @@ class StatusServer:
             self._runner = None
 
     async def _healthz(self, request: web.Request) -> web.Response:
+        return self._run_checks(request, self._checks, "healthz")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        return self._run_checks(request, self._ready_checks, "readyz")
+
+    def _run_checks(self, request: web.Request, checks: dict[str, HealthCheck], what: str) -> web.Response:
         lines = []
         healthy = True
-        for name, check in self._checks.items():
+        for name, check in checks.items():
             ok, detail = check()
             healthy &= ok
             lines.append(f"[+]{name} ok" if ok else f"[-]{name} failed: {detail}")
         verbose = "verbose" in request.query
         if healthy:
-            body = "\n".join(lines + ["healthz check passed"]) if verbose else "ok"
+            body = "\n".join(lines + [f"{what} check passed"]) if verbose else "ok"
             return web.Response(text=body)
-        return web.Response(status=500, text="\n".join(lines + ["healthz check failed"]))
+        return web.Response(status=500, text="\n".join(lines + [f"{what} check failed"]))
 
     async def _show_proxy(self, request: web.Request) -> web.Response:
         assert self._proxy is not None
