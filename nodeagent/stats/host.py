@@ -100,9 +100,18 @@ def read_node(root_dir: str, image_dir: str = "/var/lib/docker") -> NodeSample:
         image_fs_used=(img.f_blocks - img.f_bfree) * img.f_frsize,
         max_pid=max_pid,
         num_processes=len(psutil.pids()),
-        interfaces={name: NetSample(c.bytes_recv, c.errin, c.bytes_sent, c.errout)
-                    for name, c in psutil.net_io_counters(pernic=True).items() if name != "lo"},
+        interfaces=_node_interfaces(),
     )
+
+
+def _node_interfaces() -> dict[str, NetSample]:
+    """The node's physical interfaces (pod veths, bridges and tunnels left out, as the
+    Summary's node network is about the machine's own links); all of them when the
+    machine has no device-backed interface (some VMs and containers)."""
+    counters = {name: c for name, c in psutil.net_io_counters(pernic=True).items() if name != "lo"}
+    physical = {name for name in counters if os.path.exists(f"/sys/class/net/{name}/device")}
+    return {name: NetSample(c.bytes_recv, c.errin, c.bytes_sent, c.errout)
+            for name, c in counters.items() if not physical or name in physical}
 
 
 def read_net_dev(pid: int, proc: Path = Path("/proc")) -> dict[str, NetSample]:

@@ -100,6 +100,7 @@ class _Info:
     upper_dir: str | None
     log_path: str | None
     docker_name: str
+    image: str = ""
 
 
 @dataclass
@@ -225,6 +226,8 @@ class StatsSampler:
             del self._infos[cid]
         for t in targets:
             t.info = self._infos.get(t.id)
+            if t.info is not None and not t.image:
+                t.image = t.info.image  # the sandbox's (pause) image
         return targets, running_sandboxes
 
     async def _inspect_new(self, ids: list[str]) -> None:
@@ -247,6 +250,7 @@ class StatsSampler:
                 upper_dir=data.get("UpperDir"),
                 log_path=info.get("LogPath") or None,
                 docker_name=(info.get("Name") or "").lstrip("/"),
+                image=(info.get("Config") or {}).get("Image") or "",
             )
 
         async with asyncio.TaskGroup() as tg:
@@ -299,16 +303,14 @@ class StatsSampler:
                     errors.append(f"pod {sandbox.pod.namespace}/{sandbox.pod.name}: network: {exc}")
         if want_fs:
             self._read_fs(targets, sandboxes)
-        now = time.monotonic()
         for t in targets:
             if t.info is None:
                 continue
             out["fs"][t.id] = (self._fs_cache.get("rootfs:" + t.id), self._fs_cache.get("logs:" + t.id))
         for uid in sandboxes:
-            out["volumes"][uid] = {k.split(":", 2)[2]: v for k, v in self._fs_cache.items()
+            out["volumes"][uid] = {k.split(":", 2)[2]: v[1] for k, v in self._fs_cache.items()
                                    if k.startswith(f"vol:{uid}:")}
         self.cpu_seconds += time.thread_time() - cpu_started
-        del now
         return out
 
     def _read_fs(self, targets: list[_Target], sandboxes: dict[str, Any]) -> None:
