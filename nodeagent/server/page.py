@@ -59,13 +59,14 @@ def human_age(seconds: float | None) -> str:
 
 
 def sparkline(values: Iterable[float | None], *, width: int = 120, height: int = 22,
-              color: str = "#3559c7", label: str = "") -> str:
-    """An inline SVG polyline of ``values`` scaled to their maximum (gaps skipped)."""
+              color: str = "#3559c7", label: str = "", top: float | None = None) -> str:
+    """An inline SVG polyline of ``values`` scaled to ``top`` (default: their maximum;
+    gaps skipped)."""
     points = [v for v in values]
     known = [v for v in points if v is not None]
     if len(known) < 2:
         return f'<svg class="spark" width="{width}" height="{height}" role="img" aria-label="{_esc(label)}: not enough samples"></svg>'
-    top = max(known) or 1.0
+    top = top or max(known) or 1.0
     step = width / max(1, len(points) - 1)
     coords = " ".join(f"{i * step:.1f},{height - 1 - (v / top) * (height - 2):.1f}"
                       for i, v in enumerate(points) if v is not None)
@@ -156,11 +157,11 @@ class StatusPage:
                              f'{"✓" if ok else "✗"} {_esc(n)}</span> ' for n, ok, d in health) + "</div>")
         out.append(f'<div class="card" id="pods-card">pods<b>{running} / {len(pods)}</b>running / total</div>')
         out.append(f'<div class="card" id="cpu-card">CPU<b>{"–" if cpu_now is None else f"{cpu_now:.2f}"} / {cpus}</b>'
-                   + sparkline([h[1] for h in node_hist], label="node CPU") + "</div>")
+                   + sparkline([None if h[1] is None else h[1] / 1e9 for h in node_hist], label="node CPU", top=cpus) + "</div>")
         mem_total = node.memory_total if node else None
         out.append(f'<div class="card" id="memory-card">memory (working set)<b>{human_bytes(node.memory_working_set if node else None)}'
                    f' / {human_bytes(mem_total)}</b>'
-                   + sparkline([h[2] for h in node_hist], color="#137333", label="node memory") + "</div>")
+                   + sparkline([h[2] for h in node_hist], color="#137333", label="node memory", top=mem_total) + "</div>")
         if snap and snap.errors:
             out.append(f'<div class="card" id="scrape-errors">scrape errors<b class="bad">{len(snap.errors)}</b>'
                        f'<span title="{_esc(snap.errors[0])}">{_esc(snap.errors[0][:60])}</span></div>')
