@@ -15,8 +15,10 @@ and writing each answer, so a client that stops reading cannot pin a handler.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
+import time
 from typing import Any, Callable, Iterable
 
 import structlog
@@ -230,8 +232,15 @@ class StatsHandlers:
         self.metrics = metrics
         self.node_name = node_name
         self.node_start = node_start
-        # (snapshot identity, what) -> rendered bytes; only the newest snapshot is kept
-        self._cache: dict[tuple[int, str], bytes] = {}
+        # what -> (snapshot, future of its rendered bytes); only the newest snapshot.
+        # Rendered once per snapshot on one worker thread, as soon as it is published
+        # (for what was scraped lately), so a scrape is answered from memory instead
+        # of formatting 300 containers while the client waits.
+        self._cache: dict[str, tuple[Snapshot, asyncio.Future]] = {}
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stats-render")
+        self._wanted: dict[str, float] = {}  # what -> when it was last asked for
+        if sampler is not None:
+            sampler.on_snapshot(self._prerender)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -246,17 +255,36 @@ class StatsHandlers:
     def snapshot(self) -> Snapshot | None:
         return self.sampler.latest if self.sampler is not None else None
 
-    def _cached(self, what: str, make: Callable[[Snapshot], bytes]) -> bytes | None:
+    _RENDERERS: dict[str, Callable[["StatsHandlers", Snapshot], bytes]] = {
+        "cadvisor": lambda self, s: _render(CadvisorCollector(s)),
+        "resource": lambda self, s: _render(ResourceCollector(s)),
+        "summary:False": lambda self, s: self._summary_bytes(s, False),
+        "summary:True": lambda self, s: self._summary_bytes(s, True),
+    }
+
+    def _prerender(self, snap: Snapshot) -> None:
+        # Only what someone scrapes: an unscraped node pays nothing for rendering.
+        horizon = time.monotonic() - max(30.0, 3 * (self.sampler.interval if self.sampler else 10.0))
+        for what, last in list(self._wanted.items()):
+            if last >= horizon:
+                self._future(what, snap)
+
+    def _future(self, what: str, snap: Snapshot) -> asyncio.Future:
+        cached = self._cache.get(what)
+        if cached is not None and cached[0] is snap:
+            return cached[1]
+        render = self._RENDERERS[what]
+        future = asyncio.get_running_loop().run_in_executor(self._executor, render, self, snap)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "unretrieved"
+        self._cache[what] = (snap, future)
+        return future
+
+    async def _cached(self, what: str) -> bytes | None:
+        self._wanted[what] = time.monotonic()
         snap = self.snapshot()
         if snap is None:
             return None
-        key = (id(snap), what)
-        body = self._cache.get(key)
-        if body is None:
-            if any(k[0] != id(snap) for k in self._cache):
-                self._cache = {k: v for k, v in self._cache.items() if k[0] == id(snap)}
-            body = self._cache[key] = make(snap)
-        return body
+        return await asyncio.shield(self._future(what, snap))
 
     @staticmethod
     def _text(body: bytes) -> web.Response:
@@ -274,16 +302,16 @@ class StatsHandlers:
         return self._text(generate_latest(self.metrics.probe_registry))
 
     async def cadvisor(self, request: web.Request) -> web.Response:
-        body = self._cached("cadvisor", lambda s: _render(CadvisorCollector(s)))
+        body = await self._cached("cadvisor")
         return self._text(body if body is not None else _render(_NotYet("container_scrape_error")))
 
     async def resource(self, request: web.Request) -> web.Response:
-        body = self._cached("resource", lambda s: _render(ResourceCollector(s)))
+        body = await self._cached("resource")
         return self._text(body if body is not None else _render(_NotYet("scrape_error")))
 
     async def summary(self, request: web.Request) -> web.Response:
         only = parse_bool(request, "only_cpu_and_memory")
-        body = self._cached(f"summary:{only}", lambda s: self._summary_bytes(s, only))
+        body = await self._cached(f"summary:{only}")
         if body is None:
             body = self._summary_bytes(None, only)
         return web.Response(body=body, content_type="application/json")
