@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 import re
 import time
@@ -165,9 +166,7 @@ def _observed(operation: str):
                 except Exception:
                     pass  # an observer must never break a runtime call
 
-        call.__name__ = method.__name__
-        call.__doc__ = method.__doc__
-        return call
+        return functools.wraps(method)(call)
 
     return wrap
 

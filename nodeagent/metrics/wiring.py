@@ -93,7 +93,15 @@ def setup_observability(agent: Any) -> tuple[Any, AgentMetrics]:
                       pods=agent.pod_list, sampler=sampler, checks=agent.server._checks,
                       warnings=lambda: list(recent.warnings), started_at=agent.started_at)
     agent.server.mount(handlers.routes() + page.routes())
+    # Ready (beyond healthy): every pod source has reported and resource usage has been
+    # sampled once. The server's check table is extended here, where both are known.
+    agent.server._ready_checks.update({
+        "sources": lambda: (agent._sources_synced(), "pod sources not synced yet"),
+        "stats": lambda: (sampler.latest is not None, "no resource usage sample yet"),
+    })
+    # For other servers (the HTTPS node API) to mount the same handlers.
     agent.stats_handlers = handlers
+    agent.status_page = page
     return sampler, metrics
 
 

@@ -84,7 +84,7 @@ def limits_middleware(max_in_flight: int = 32, timeout: float = 10.0):
 
 def _labels(c: ContainerStats) -> list[str]:
     # cAdvisor's label set: container, id (the cgroup), image, name (Docker's), namespace, pod
-    return [c.name, f"/docker/{c.id}", c.image,
+    return [c.name, "/" + (c.cgroup_path or f"docker/{c.id}"), c.image,
             c.docker_name, c.pod.namespace, c.pod.name]
 
 

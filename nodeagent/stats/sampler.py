@@ -46,6 +46,7 @@ class ContainerStats:
     cpu_nano_cores: float | None = None
     rootfs: DirUsage | None = None
     logs: DirUsage | None = None
+    cgroup_path: str = ""  # relative to the cgroup root, e.g. docker/<id>
 
     @property
     def is_sandbox(self) -> bool:
@@ -269,7 +270,7 @@ class StatsSampler:
 
     def _read_all(self, targets: list[_Target], sandboxes: dict[str, Any], want_fs: bool) -> dict:
         cpu_started = time.thread_time()
-        out: dict[str, Any] = {"cgroups": {}, "net": {}, "fs": {}, "volumes": {}, "errors": []}
+        out: dict[str, Any] = {"cgroups": {}, "paths": {}, "net": {}, "fs": {}, "volumes": {}, "errors": []}
         errors = out["errors"]
         try:
             out["node"] = read_node(str(self.root_dir), self.image_dir)
@@ -289,6 +290,7 @@ class StatsSampler:
                     out["cgroups"][t.id] = reader.read(
                         t.id, cgroup_parent=info.cgroup_parent if info else None,
                         pid=info.pid if info else None)
+                    out["paths"][t.id] = reader.relative_path(t.id)
                 except CgroupGone:
                     continue  # exited between the list and the read: no sample, no error
                 except Exception as exc:
@@ -371,6 +373,7 @@ class StatsSampler:
                 docker_name=t.info.docker_name if t.info else "",
                 start_time=t.start_time, cgroup=sample, cpu_nano_cores=rate,
                 rootfs=rootfs[1] if rootfs else None, logs=logs[1] if logs else None,
+                cgroup_path=readings["paths"].get(t.id, ""),
             )
             sandbox = sandboxes.get(t.pod.uid)
             pod = pods.get(t.pod.uid)
