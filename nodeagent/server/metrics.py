@@ -53,29 +53,41 @@ def parse_bool(request: web.Request, name: str, default: bool = False) -> bool:
     raise web.HTTPBadRequest(text=f"query parameter {name}: expected true or false, got {raw!r}\n")
 
 
-def limits_middleware(max_in_flight: int = 32, timeout: float = 10.0):
+# Long-lived streams (log follow, exec, attach, port-forward) bound themselves; the
+# per-request deadline and the in-flight slots are for answers that end.
+STREAM_PREFIXES = ("/containerLogs", "/exec", "/attach", "/portForward", "/run")
+
+
+def limits_middleware(max_in_flight: int = 32, timeout: float = 10.0,
+                      stream_prefixes: tuple[str, ...] = STREAM_PREFIXES):
     slots = asyncio.Semaphore(max_in_flight)
 
     @web.middleware
     async def limits(request: web.Request, handler):
+        if request.path.startswith(stream_prefixes):
+            return await handler(request)
         if slots.locked():
             return web.Response(status=503, text="too many requests in progress\n",
                                 headers={"Retry-After": "1"})
         async with slots:
+            writing = False
             try:
                 async with asyncio.timeout(timeout):
                     response = await handler(request)
                     if isinstance(response, web.Response) and not response.prepared:
                         # Written here, under the deadline: a client that does not read
                         # its answer loses the connection instead of holding the slot.
+                        writing = True
                         await response.prepare(request)
                         await response.write_eof()
                     return response
             except TimeoutError:
-                log.warning("status request timed out", path=request.path)
-                if request.transport is not None:
-                    request.transport.close()
-                raise web.HTTPServiceUnavailable(text="request timed out\n")
+                log.warning("status request timed out", path=request.path, writing=writing)
+                if writing:
+                    if request.transport is not None:
+                        request.transport.close()
+                    raise
+                return web.Response(status=503, text="request timed out\n")
 
     return limits
 

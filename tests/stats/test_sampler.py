@@ -300,3 +300,24 @@ def test_sparkline_svg():
     svg = sparkline([0.0, 1.0, None, 0.5], width=30, height=10, label="cpu")
     assert svg.startswith("<svg") and "<polyline" in svg and 'aria-label="cpu"' in svg
     assert "polyline" not in sparkline([1.0])
+
+
+async def test_deadline_applies_to_answers_not_to_streams():
+    from nodeagent.server.metrics import limits_middleware
+
+    app = web.Application(middlewares=[limits_middleware(timeout=0.2)])
+
+    async def slow(request):
+        await asyncio.sleep(0.6)
+        return web.Response(text="late")
+
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/containerLogs/ns/pod/c", slow)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        assert (await client.get("/slow")).status == 503
+        r = await client.get("/containerLogs/ns/pod/c")
+        assert r.status == 200 and await r.text() == "late"
+    finally:
+        await client.close()
