@@ -39,6 +39,9 @@ class PLEG:
         self._relist_now = asyncio.Event()
         # Optional: called with each successful relist's duration (metrics).
         self.observer: Callable[[float], None] | None = None
+        # (monotonic time, sandboxes, containers) of the last good relist, shared with
+        # the stats sampler so it needs no listing of its own.
+        self.last_listing: tuple[float, list, list] | None = None
 
     def healthy(self) -> tuple[bool, str]:
         if self.runtime_error:
@@ -109,6 +112,7 @@ class PLEG:
                 self._on_pod_event(uid)
         self._fingerprints = current
         self.last_relist = time.monotonic()
+        self.last_listing = (self.last_relist, sandboxes, containers)
         if self.observer is not None:
             self.observer(self.last_relist - started)
         if was_down:

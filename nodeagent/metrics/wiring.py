@@ -83,6 +83,8 @@ def setup_observability(agent: Any) -> tuple[Any, AgentMetrics]:
     sampler = StatsSampler(agent.runtime, root_dir=settings.root_dir,
                            interval=settings.stats_interval, fs_interval=settings.stats_fs_interval)
     agent.stats = sampler
+    # The PLEG lists the runtime every relist-period anyway: no second listing.
+    sampler.listing = lambda: agent.pleg.last_listing
     metrics = instrument(agent)
     recent = RecentEvents(agent.kubelet.events)
     agent.kubelet.events = recent

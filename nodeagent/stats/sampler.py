@@ -151,6 +151,9 @@ class StatsSampler:
         self.cpu_seconds = 0.0  # thread CPU spent reading, for the benchmark
         self.updated = asyncio.Event()
         self._listeners: list[Callable[[Snapshot], None]] = []
+        # Optional: the PLEG's last relist (monotonic time, sandboxes, containers); used
+        # instead of listing again when it is younger than one interval.
+        self.listing: Callable[[], tuple[float, list, list] | None] | None = None
 
     def on_snapshot(self, listener: Callable[[Snapshot], None]) -> None:
         self._listeners.append(listener)
@@ -207,12 +210,16 @@ class StatsSampler:
     # --- on the loop -------------------------------------------------------------------
 
     async def _targets(self, errors: list[str]) -> tuple[list[_Target], dict[str, Any]]:
-        try:
-            sandboxes = await self.runtime.list_pod_sandboxes()
-            containers = await self.runtime.list_containers()
-        except RuntimeError_ as exc:
-            errors.append(f"container runtime: {exc}")
-            return [], {}
+        shared = self.listing() if self.listing is not None else None
+        if shared is not None and time.monotonic() - shared[0] <= self.interval:
+            _at, sandboxes, containers = shared
+        else:
+            try:
+                sandboxes = await self.runtime.list_pod_sandboxes()
+                containers = await self.runtime.list_containers()
+            except RuntimeError_ as exc:
+                errors.append(f"container runtime: {exc}")
+                return [], {}
         running_sandboxes = {s.pod.uid: s for s in sandboxes if s.state == SandboxState.READY}
         targets = [
             _Target(s.id, "POD", s.pod, "", s.created_at, None)

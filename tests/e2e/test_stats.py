@@ -49,8 +49,9 @@ def node(tmp_path_factory):
     agent.write("mem.yaml", mem)
     agent.write("cpu.yaml", cpu)
     try:
-        agent.wait_running_ready("mem")
-        agent.wait_running_ready("cpu")
+        # generous: the shared engine can be slow while other suites run
+        agent.wait_running_ready("mem", timeout=120)
+        agent.wait_running_ready("cpu", timeout=120)
         yield agent
     finally:
         agent.stop()

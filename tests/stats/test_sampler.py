@@ -321,3 +321,23 @@ async def test_deadline_applies_to_answers_not_to_streams():
         assert r.status == 200 and await r.text() == "late"
     finally:
         await client.close()
+
+
+async def test_a_fresh_pleg_listing_replaces_the_samplers_own(v2root, tmp_path):
+    rt = FakeRuntime()
+    calls = []
+    original = rt.list_containers
+
+    async def counting():
+        calls.append(1)
+        return await original()
+
+    rt.list_containers = counting
+    sampler = _sampler(rt, v2root, tmp_path)
+    listing = (time.monotonic(), await rt.list_pod_sandboxes(), await original())
+    sampler.listing = lambda: listing
+    snap = await sampler.sample()
+    assert calls == [] and [c.name for c in snap.pods["uid-1"].containers] == ["app"]
+    listing = (time.monotonic() - 5.0, listing[1], listing[2])  # older than one interval
+    await sampler.sample()
+    assert calls == [1]
