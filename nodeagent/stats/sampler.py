@@ -154,6 +154,7 @@ class StatsSampler:
         # Optional: the PLEG's last relist (monotonic time, sandboxes, containers); used
         # instead of listing again when it is younger than one interval.
         self.listing: Callable[[], tuple[float, list, list] | None] | None = None
+        self._last_targets: tuple[list[_Target], dict[str, Any]] = ([], {})
 
     def on_snapshot(self, listener: Callable[[Snapshot], None]) -> None:
         self._listeners.append(listener)
@@ -218,8 +219,11 @@ class StatsSampler:
                 sandboxes = await self.runtime.list_pod_sandboxes()
                 containers = await self.runtime.list_containers()
             except RuntimeError_ as exc:
+                # A slow or absent engine does not blank the figures: the containers
+                # known from the last listing are read again (gone ones drop out).
                 errors.append(f"container runtime: {exc}")
-                return [], {}
+                return self._last_targets
+
         running_sandboxes = {s.pod.uid: s for s in sandboxes if s.state == SandboxState.READY}
         targets = [
             _Target(s.id, "POD", s.pod, "", s.created_at, None)
@@ -236,6 +240,7 @@ class StatsSampler:
             t.info = self._infos.get(t.id)
             if t.info is not None and not t.image:
                 t.image = t.info.image  # the sandbox's (pause) image
+        self._last_targets = (targets, running_sandboxes)
         return targets, running_sandboxes
 
     async def _inspect_new(self, ids: list[str]) -> None:

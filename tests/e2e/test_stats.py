@@ -104,28 +104,47 @@ def test_working_set_and_cpu_rate_match_workloads_and_docker(node):
     docker_ws = _docker_ws(docker_stats(hog))
     assert abs(ws - docker_ws) <= 0.05 * N_MIB * MiB, (ws, docker_ws)
 
-    # CPU: our rate and Docker's over the same ~4 s, plus what the kernel says the
-    # process itself consumed (utime+stime of the loop's pid), all side by side.
+    # CPU over the same ~6 s window, three ways: the agent's counter (cAdvisor's
+    # container_cpu_usage_seconds_total at its sample time container_last_seen),
+    # Docker's stats API (total_usage at its `read` time), and the kernel's account of
+    # the loop process itself (utime+stime).
     pid = int(node.container_of("cpu", "burn")["State"]["Pid"])
     proc = psutil.Process(pid)
-    host_busy_before = psutil.cpu_times_percent(interval=None)
-    d1, p1, t1 = docker_stats(burn), sum(proc.cpu_times()[:2]), time.time()
-    time.sleep(4.0)
-    d2, p2, t2 = docker_stats(burn), sum(proc.cpu_times()[:2]), time.time()
+    o1, d1, p1, t1 = _ours(node, "burn"), docker_stats(burn), sum(proc.cpu_times()[:2]), time.time()
+    time.sleep(6.0)
+    o2, d2, p2, t2 = _ours(node, "burn"), docker_stats(burn), sum(proc.cpu_times()[:2]), time.time()
+    ours = (o2[0] - o1[0]) / (o2[1] - o1[1])
     docker_rate = ((d2["cpu_stats"]["cpu_usage"]["total_usage"] - d1["cpu_stats"]["cpu_usage"]["total_usage"])
-                   / 1e9 / (t2 - t1))
+                   / 1e9 / (_docker_time(d2) - _docker_time(d1)))
     proc_rate = (p2 - p1) / (t2 - t1)
-    ours = pod_of(summary(node), "cpu", node)["containers"][0]["cpu"]["usageNanoCores"] / 1e9
-    assert abs(ours - docker_rate) <= 0.1, (ours, docker_rate)
+    assert abs(ours - docker_rate) <= 0.1, (ours, docker_rate, proc_rate)
     assert abs(ours - proc_rate) <= 0.1, (ours, proc_rate)
-    idle = psutil.cpu_times_percent(interval=None).idle
-    del host_busy_before
-    # One core of two is ours to burn only when others leave it free; on the shared
+    # the same counter: Docker's reading and ours differ by at most what the loop
+    # burned between the two reading times
+    gap = abs(_docker_time(d2) - o2[1])
+    assert abs(d2["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9 - o2[0]) <= gap * 1.1 + 0.2
+    # One core of two is the loop's only when others leave it free; on the shared
     # machine the kernel's own view (proc_rate) says whether it was.
     if proc_rate >= 0.9:
         assert 0.9 <= ours <= 1.1, ours
     else:
-        print(f"host busy (idle {idle:.0f}%): the loop got {proc_rate:.2f} cores; agent says {ours:.2f}")
+        print(f"host busy: the loop got {proc_rate:.2f} cores; the agent says {ours:.2f}")
+
+
+def _ours(agent: AgentProcess, container: str) -> tuple[float, float]:
+    """(cpu seconds, sample time) of a container from /metrics/cadvisor."""
+    fams = {f.name: f for f in text_string_to_metric_families(_get(agent, "/metrics/cadvisor")[1].decode())}
+    cpu = next(s.value for s in fams["container_cpu_usage_seconds"].samples if s.labels["container"] == container)
+    seen = next(s.value for s in fams["container_last_seen"].samples if s.labels["container"] == container)
+    return cpu, seen
+
+
+def _docker_time(st: dict) -> float:
+    from datetime import datetime
+
+    stamp = st["read"]  # RFC 3339 with nanoseconds
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    return datetime.fromisoformat(head + "+00:00").timestamp() + float("0." + (frac or "0"))
 
 
 def test_summary_fields(node):
@@ -244,10 +263,10 @@ def test_prometheus_scrapes_a_pods_cpu_rate(node, tmp_path):
     finally:
         proc.terminate()
         try:
-            proc.wait(15)
+            proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait(5)
+            proc.wait(60)
 
 
 def _chromium() -> str:
@@ -263,8 +282,18 @@ def test_status_page_in_headless_chromium(node, tmp_path):
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([browser, *flags, "--dump-dom", node.url + "/"],
-                         capture_output=True, text=True, timeout=60)
+    def run(*args: str) -> subprocess.CompletedProcess:
+        # One retry: on the loaded shared machine a headless start occasionally stalls.
+        for attempt in (1, 2):
+            try:
+                return subprocess.run([browser, *flags, *args],
+                                      capture_output=True, text=True, timeout=90)
+            except subprocess.TimeoutExpired:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    dom = run("--dump-dom", node.url + "/")
     assert dom.returncode == 0, dom.stderr[-2000:]
     html = dom.stdout
     from html.parser import HTMLParser
@@ -296,6 +325,7 @@ def test_status_page_in_headless_chromium(node, tmp_path):
     parser = Rows()
     parser.feed(html)
     names = {r.get("pod-name"): r for r in parser.rows}
+    assert f"mem-{node.node_name}" in names, html[-3000:]
     mem = names[f"mem-{node.node_name}"]
     assert mem["phase"] == "Running" and mem["ip"] == node.pod("mem")["status"]["podIP"]
     assert mem["memory"].endswith("MiB") and float(mem["memory"].split()[0]) >= N_MIB * 0.95
@@ -303,9 +333,8 @@ def test_status_page_in_headless_chromium(node, tmp_path):
     assert parser.polylines >= 4  # CPU and memory sparklines of both pods
     assert "<script" not in html and 'id="node-name"' in html and node.node_name in html
     shot = tmp_path / "page.png"
-    run = subprocess.run([browser, *flags, "--window-size=1280,720", f"--screenshot={shot}",
-                          node.url + "/"], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
+    done = run("--window-size=1280,720", f"--screenshot={shot}", node.url + "/")
+    assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     keep = os.environ.get("NODEAGENT_KEEP_SCREENSHOT")
@@ -325,11 +354,15 @@ def test_status_command(node):
     assert mem[2:5] == ["Running", "1/1", "0"] and mem[5] == node.pod("mem")["status"]["podIP"]
     assert "MiB" in text and "[#" in text
     # --watch redraws until interrupted
-    watch = subprocess.Popen(cmd + ["--watch", "0.5"], stdout=subprocess.PIPE, text=True, cwd=REPO)
-    time.sleep(2.5)
-    watch.send_signal(signal.SIGINT)
-    stdout, _ = watch.communicate(timeout=10)
-    assert watch.returncode == 0 and stdout.count(f"NODE {node.node_name}") >= 2
+    frames = Path(tempfile.mkdtemp()) / "watch.out"
+    with open(frames, "w") as sink:
+        watch = subprocess.Popen(cmd + ["--watch", "0.5"], stdout=sink, text=True, cwd=REPO)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and frames.read_text().count(f"NODE {node.node_name}") < 2:
+            time.sleep(0.2)
+        watch.send_signal(signal.SIGINT)
+        watch.wait(10)
+    assert watch.returncode == 0 and frames.read_text().count(f"NODE {node.node_name}") >= 2
     bad = subprocess.run(cmd[:-2] + ["--status-address", f"127.0.0.1:{free_port()}"],
                          capture_output=True, text=True, timeout=30, cwd=REPO)
     assert bad.returncode == 1 and "cannot read the agent" in bad.stderr

@@ -147,7 +147,7 @@ def test_real_cgroup2_hierarchy_agrees_with_v1():
     cid = subprocess.run(
         ["docker", "run", "-d", "--network", "none", "--name", name, "--label", "nodeagent-test=cg2",
          "busybox:1.35", "sh", "-c", "i=0; while [ $i -lt 400000 ]; do i=$((i+1)); done; exec sleep 60"],
-        capture_output=True, text=True, check=True).stdout.strip()
+        capture_output=True, text=True, check=True, timeout=120).stdout.strip()
     try:
         v2 = CgroupReader(unified)
         v1 = CgroupReader()
@@ -165,7 +165,7 @@ def test_real_cgroup2_hierarchy_agrees_with_v1():
         assert abs(a.cpu_usage_ns - b.cpu_usage_ns) <= 0.02 * b.cpu_usage_ns + 2_000_000, (a, b)
         assert a.memory_usage is None and any("memory" in e for e in a.errors)
     finally:
-        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=120)
         if mounted is not None:
             subprocess.run(["umount", str(mounted)])
             mounted.rmdir()

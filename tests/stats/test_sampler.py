@@ -120,6 +120,16 @@ async def test_unknown_layout_and_runtime_down_still_give_a_snapshot(tmp_path):
     assert any("container runtime" in e for e in snap.errors)
 
 
+async def test_runtime_outage_keeps_the_last_known_containers(v2root, tmp_path):
+    rt = FakeRuntime()
+    sampler = _sampler(rt, v2root, tmp_path)
+    await sampler.sample()
+    rt.down = True
+    snap = await sampler.sample()
+    assert any("container runtime" in e for e in snap.errors)
+    assert [c.name for c in snap.pods["uid-1"].containers] == ["app"]
+
+
 async def test_a_hung_read_is_abandoned_and_later_rounds_skip(v2root, tmp_path, monkeypatch):
     sampler = _sampler(FakeRuntime(), v2root, tmp_path, read_timeout=0.3)
     original = sampler._read_all
