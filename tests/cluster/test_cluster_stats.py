@@ -38,7 +38,8 @@ async def test_stats_metrics_page_and_status_command_in_cluster_mode(cp_recordin
 
     async def sampled():
         body = json.loads(await asyncio.to_thread(_get, agent.url + "/stats/summary"))
-        return next((p for p in body["pods"] if p["podRef"]["uid"] == uid and "cpu" in p), None)
+        return next((p for p in body["pods"] if p["podRef"]["uid"] == uid and "cpu" in p
+                     and p.get("containers")), None)
 
     pod = None
     for _ in range(40):

@@ -95,8 +95,11 @@ def test_working_set_and_cpu_rate_match_workloads_and_docker(node):
     burn = node.container_of("cpu", "burn")["Id"]
 
     def ws_settled():
-        c = pod_of(summary(node), "mem", node)["containers"][0]
-        ws = c["memory"]["workingSetBytes"]
+        # the pod may be absent from a round or two while the listing catches up
+        p = next((p for p in summary(node)["pods"] if p["podRef"]["name"] == f"mem-{node.node_name}"), None)
+        if not p or not p.get("containers") or "memory" not in p["containers"][0]:
+            return None
+        ws = p["containers"][0]["memory"]["workingSetBytes"]
         return ws if ws >= N_MIB * MiB * 0.95 else None
 
     ws = node.wait_for("working set of the 48 MiB writer", ws_settled, timeout=30)
@@ -153,8 +156,8 @@ def test_summary_fields(node):
     subprocess.run(["ping", "-c", "3", "-i", "0.2", "-W", "1", ip], capture_output=True, timeout=10)
 
     def fs_seen():
-        p = pod_of(summary(node), "mem", node)
-        return p if p.get("volume") and p["network"]["rxBytes"] >= 3 * 84 else None
+        p = next((p for p in summary(node)["pods"] if p["podRef"]["name"] == f"mem-{node.node_name}"), None)
+        return p if p and p.get("volume") and p.get("containers") and p["network"]["rxBytes"] >= 3 * 84 else None
 
     pod = node.wait_for("volume and network figures", fs_seen, timeout=20)
     s = summary(node)
