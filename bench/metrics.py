@@ -25,6 +25,7 @@ import asyncio
 import os
 import platform
 import secrets
+import shutil
 import statistics
 import sys
 import tempfile
@@ -216,6 +217,7 @@ async def main() -> None:
     finally:
         await teardown(runtime)
         await runtime.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
