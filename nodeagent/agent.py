@@ -217,6 +217,10 @@ class Agent:
         self._sandbox_lock = asyncio.Lock()
         self._network_error: str | None = "not started"
         self.started_at = time.time()
+        # Resource usage sampling, /metrics*, /stats/summary and the status page.
+        from nodeagent.metrics.wiring import setup_observability
+
+        self.stats, self.metrics = setup_observability(self)
 
     def _make_proxy(self, settings: Settings) -> ServiceProxy | None:
         if not settings.proxy:
@@ -255,11 +259,13 @@ class Agent:
         return self.server.bound_port or self.server.port
 
     def _on_status(self, uid: str, status: dict) -> None:
+        self.metrics.pod_status(uid, status)
         if self.cluster is not None:
             self.cluster.on_status(uid, status)
         self._pods_changed()
 
     def _on_forget(self, uid: str) -> None:
+        self.metrics.forget_pod(uid)
         self._pods_changed()
 
     def _pods_changed(self) -> None:
@@ -440,6 +446,7 @@ class Agent:
                 tg.create_task(self.workers.run(), name="pod-workers")
                 tg.create_task(self.pleg.run(), name="pleg")
                 tg.create_task(self._housekeeping(), name="housekeeping")
+                tg.create_task(self.stats.run(), name="stats-sampler")
                 if self.manifests is not None:
                     tg.create_task(self.manifests.run(), name="manifest-source")
                 if self.cluster is not None:

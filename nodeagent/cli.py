@@ -1,4 +1,5 @@
-"""`nodeagent` command line: run, proxy show, logs, cleanup, version."""
+"""`nodeagent` command line: run, status, logs, proxy show, join, install-service,
+cleanup, version."""
 
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     show = proxy_sub.add_parser("show", help="print each service with its frontends and endpoints")
     show.add_argument("--status-address", default="127.0.0.1:10255",
                       help="the running agent's status endpoint (default 127.0.0.1:10255)")
+
+    status = sub.add_parser("status", help="node and pods of a running agent, with CPU and memory use")
+    status.add_argument("--status-address", default="127.0.0.1:10255",
+                        help="the running agent's status endpoint (default 127.0.0.1:10255)")
+    status.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                        help="redraw every SECONDS (default 2) until Ctrl-C")
 
     cleanup = sub.add_parser(
         "cleanup",
@@ -98,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(f"nodeagent {VERSION}")
         return 0
+    if args.command == "status":
+        from nodeagent.server.statuscmd import main as status_main
+
+        if args.watch is not None and args.watch <= 0:
+            print("nodeagent: --watch: expected a positive number of seconds", file=sys.stderr)
+            return 2
+        return status_main(args.status_address, args.watch)
     if args.command == "proxy":
         return _proxy_show(args.status_address)
     if args.command == "logs":

@@ -109,6 +109,10 @@ class Settings:
     # (kubelet's streaming-connection-idle-timeout, 4h).
     node_api_max_streams: int = 64
     streaming_idle_timeout: float = 14400.0
+    # Resource usage (nodeagent/stats/): cgroups are sampled this often; filesystem
+    # usage (writable layers, logs, emptyDirs: a directory walk) every stats-fs-interval.
+    stats_interval: float = 10.0
+    stats_fs_interval: float = 60.0
 
     @property
     def status_host_port(self) -> tuple[str, int]:
@@ -259,6 +263,8 @@ def validate(s: Settings) -> None:
             load_credential_file(s.image_credential_file)
         except CredentialError as exc:
             raise ConfigError(f"image-credential-file: {exc}") from None
+    if s.stats_interval <= 0 or s.stats_fs_interval <= 0:
+        raise ConfigError("stats-interval and stats-fs-interval: must be positive")
     if s.max_pods < 1:
         raise ConfigError(f"max-pods: must be at least 1, got {s.max_pods}")
     try:

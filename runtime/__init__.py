@@ -1,1 +1,1 @@
-"""Docker-backed container runtime shim: sandboxes, containers, images, cgroup stats."""
+"""Docker-backed container runtime shim: sandboxes, containers, images."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 import re
 import time
@@ -145,6 +146,36 @@ def _pod_ref(labels: Mapping[str, str]) -> PodRef | None:
 _NETWORK_LEAVE_SETTLE = 0.02
 
 
+RuntimeObserver = Callable[[str, float, "BaseException | None"], None]
+
+
+def _observed(operation: str):
+    """Report each call's duration and failure to ``self.observer`` (metrics), under
+    CRI's operation names; the runtime itself knows nothing of what observes it."""
+
+    def wrap(method):
+        async def call(self, *args, **kwargs):
+            observer = self.observer
+            if observer is None:
+                return await method(self, *args, **kwargs)
+            started = time.monotonic()
+            error: BaseException | None = None
+            try:
+                return await method(self, *args, **kwargs)
+            except Exception as exc:
+                error = exc
+                raise
+            finally:
+                try:
+                    observer(operation, time.monotonic() - started, error)
+                except Exception:
+                    pass  # an observer must never break a runtime call
+
+        return functools.wraps(method)(call)
+
+    return wrap
+
+
 class DockerRuntime:
     """The RuntimeService for one node on one Docker engine.
 
@@ -198,6 +229,8 @@ class DockerRuntime:
         self._network_leave = asyncio.Lock()
         # Engine calls made for inspects (tests check relists stay cheap).
         self.inspect_calls = 0
+        # Optional: called with (operation, seconds, error) after each runtime call.
+        self.observer: RuntimeObserver | None = None
 
     @property
     def docker(self) -> aiodocker.Docker:
@@ -213,12 +246,14 @@ class DockerRuntime:
 
     # --- engine ----------------------------------------------------------------------
 
+    @_observed("version")
     async def version(self) -> str:
         info = await self.engine.call("docker version", "GET", "version")
         return f"docker://{info.get('Version', 'unknown')}"
 
     # --- sandboxes -------------------------------------------------------------------
 
+    @_observed("run_podsandbox")
     async def run_pod_sandbox(self, config: SandboxConfig, image: str) -> str:
         what = f"run pod sandbox for {config.pod.namespace}/{config.pod.name}"
         _check_pod(config.pod, what)
@@ -272,6 +307,7 @@ class DockerRuntime:
         await self.start_container(sandbox_id)
         return sandbox_id
 
+    @_observed("stop_podsandbox")
     async def stop_pod_sandbox(self, sandbox_id: str, timeout: int = 10) -> None:
         """Stop the sandbox's containers (each within ``timeout``), then the pause."""
         await self._inspect_own(sandbox_id, f"stop pod sandbox {sandbox_id[:12]}")
@@ -290,6 +326,7 @@ class DockerRuntime:
             await self.stop_container(sandbox_id, timeout)
             await asyncio.sleep(_NETWORK_LEAVE_SETTLE)
 
+    @_observed("remove_podsandbox")
     async def remove_pod_sandbox(self, sandbox_id: str) -> None:
         """Remove the sandbox's containers (forcibly) and then the pause container."""
         await self._inspect_own(sandbox_id, f"remove pod sandbox {sandbox_id[:12]}")
@@ -306,11 +343,13 @@ class DockerRuntime:
             await self.remove_container(sandbox_id)
             await asyncio.sleep(_NETWORK_LEAVE_SETTLE)
 
+    @_observed("list_podsandbox")
     async def list_pod_sandboxes(self, pod_uid: str | None = None) -> list[SandboxStatus]:
         return await self._relist(L.TYPE_SANDBOX, pod_uid, self._sandbox_status)  # type: ignore[arg-type]
 
     # --- containers ------------------------------------------------------------------
 
+    @_observed("create_container")
     async def create_container(self, sandbox: SandboxStatus, config: ContainerConfig) -> str:
         pod = sandbox.pod
         what = f"create container {config.name!r} of pod {pod.namespace}/{pod.name}"
@@ -419,6 +458,7 @@ class DockerRuntime:
         log.info("container created", container=name, id=container_id[:12])
         return container_id
 
+    @_observed("start_container")
     async def start_container(self, container_id: str) -> None:
         what = f"start container {container_id[:12]}"
         self._status_cache.pop(container_id, None)
@@ -430,6 +470,7 @@ class DockerRuntime:
         finally:
             self._status_cache.pop(container_id, None)
 
+    @_observed("stop_container")
     async def stop_container(
         self, container_id: str, timeout: int, signal: str | None = None
     ) -> None:
@@ -451,6 +492,7 @@ class DockerRuntime:
         finally:
             self._status_cache.pop(container_id, None)
 
+    @_observed("remove_container")
     async def remove_container(self, container_id: str) -> None:
         what = f"remove container {container_id[:12]}"
         self._status_cache.pop(container_id, None)
@@ -463,9 +505,11 @@ class DockerRuntime:
                 return
             raise
 
+    @_observed("list_containers")
     async def list_containers(self, pod_uid: str | None = None) -> list[ContainerStatus]:
         return await self._relist(L.TYPE_CONTAINER, pod_uid, self._container_status)  # type: ignore[arg-type]
 
+    @_observed("container_status")
     async def container_status(self, container_id: str) -> ContainerStatus:
         """Fresh status of one of this node's containers (a sandbox's too)."""
         info = await self._inspect_own(container_id, f"status of container {container_id[:12]}")

@@ -11,7 +11,7 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 PACKAGES=(docker.io iptables nftables iproute2 conntrack busybox-static gcc libc6-dev
           python3 python3-venv python3-dev ca-certificates docker-registry prometheus
-          procps iputils-ping util-linux curl
+          procps iputils-ping util-linux curl chromium
           systemd)  # systemd-analyze: the unit is verified by the tests (no systemd as PID 1)
 missing=()
 for p in "${PACKAGES[@]}"; do

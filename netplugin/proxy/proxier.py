@@ -170,6 +170,8 @@ class ServiceProxy:
         self.failures = 0
         self.last_sync_seconds = 0.0
         self.last_sync_phases: dict[str, float] = {}
+        # Optional: called with (seconds, full, error) after each sync (metrics).
+        self.observer: Callable[[float, bool, BaseException | None], None] | None = None
 
     # ------------------------------------------------------------------ inputs
 
@@ -350,6 +352,7 @@ class ServiceProxy:
             try:
                 await self._apply(dirty, services, slices, global_dirty, host_ports, full)
             except BaseException as exc:
+                self._observe(time.monotonic() - started, full, exc)
                 with self._event_lock:
                     self._dirty |= dirty
                     self._global_dirty |= global_dirty
@@ -365,6 +368,14 @@ class ServiceProxy:
                     raise ProxySyncError(str(exc)) from exc
                 raise
             self.last_sync_seconds = time.monotonic() - started
+            self._observe(self.last_sync_seconds, full, None)
+
+    def _observe(self, seconds: float, full: bool, error: BaseException | None) -> None:
+        if self.observer is not None and not isinstance(error, asyncio.CancelledError):
+            try:
+                self.observer(seconds, full, error)
+            except Exception:
+                pass  # metrics never break a sync
 
     async def _apply(self, dirty: set[tuple[str, str]], services: dict, slices: dict,
                      global_dirty: bool, host_ports: list[HostPortMapping], full: bool) -> None:
@@ -485,6 +496,19 @@ class ServiceProxy:
             log.warning("conntrack cleanup failed", table=self.table, error=str(exc))
 
     # ------------------------------------------------------------------ output
+
+    def counts(self) -> dict[str, int]:
+        """Sizes of what is programmed: services, endpoint slices, map/set elements and
+        chains (served as metrics)."""
+        state = self._state
+        return {
+            "services": len(self._services),
+            "endpointslices": sum(len(v) for v in self._slices.values()),
+            "elements": len(state.claims),
+            "chains": sum(len(f.chains) for f in state.fragments.values()) + len(state.shared),
+            "rules": sum(len(c.rules) for f in state.fragments.values() for c in f.chains.values())
+            + sum(len(chain.rules) for chain, _n in state.shared.values()),
+        }
 
     def describe(self) -> str:
         return describe_state(self._config, self._state, self.errors, self._host_port_errors)

@@ -12,7 +12,7 @@ from pathlib import Path
 import structlog
 
 from nodeagent.eviction.ranking import EPHEMERAL_STORAGE, MEMORY, ContainerUsage, PodUsageStats
-from runtime.cgroups import read_container_pids, read_container_stats
+from nodeagent.stats.cgroups import CgroupGone, CgroupReader
 from runtime.docker import DockerRuntime
 from runtime.types import ContainerState, NotFound
 
@@ -36,6 +36,7 @@ class RuntimePodUsage:
     def __init__(self, runtime: DockerRuntime, root_dir: str | Path) -> None:
         self.runtime = runtime
         self.pods_dir = Path(root_dir) / "pods"
+        self._cgroups: CgroupReader | None = None  # detected on first use (reads sysfs)
 
     async def usage(self, pods: list[dict], resource: str) -> dict[str, PodUsageStats]:
         wanted = {p["metadata"]["uid"] for p in pods}
@@ -45,7 +46,7 @@ class RuntimePodUsage:
         for c in containers:
             try:
                 out[c.pod.uid].containers[c.name] = await self._container(c.id, resource)
-            except NotFound:
+            except (NotFound, CgroupGone):
                 continue  # gone meanwhile: it uses nothing now
             except Exception as exc:  # a gap, not a failed round
                 log.debug("container usage unavailable", container=c.id[:12], error=str(exc))
@@ -57,8 +58,8 @@ class RuntimePodUsage:
 
     async def _container(self, container_id: str, resource: str) -> ContainerUsage:
         if resource == MEMORY:
-            stats = await asyncio.to_thread(read_container_stats, container_id)
-            return ContainerUsage(memory=stats.memory_working_set)
+            sample = await asyncio.to_thread(self._reader().read, container_id)
+            return ContainerUsage(memory=sample.memory_working_set or 0)
         if resource == EPHEMERAL_STORAGE:
             info = await self.runtime.engine.call(
                 f"inspect container {container_id[:12]} size", "GET",
@@ -70,4 +71,10 @@ class RuntimePodUsage:
                 except OSError:
                     pass
             return ContainerUsage(disk=int(info.get("SizeRw") or 0) + log_size)
-        return ContainerUsage(processes=await asyncio.to_thread(read_container_pids, container_id))
+        sample = await asyncio.to_thread(self._reader().read, container_id)
+        return ContainerUsage(processes=sample.pids or 0)
+
+    def _reader(self) -> CgroupReader:
+        if self._cgroups is None:
+            self._cgroups = CgroupReader()
+        return self._cgroups

@@ -308,6 +308,12 @@ class WatchStream:
         event = self._pending.popleft()
         if isinstance(event, WatchEventUnreadable):
             raise event
+        observer = self._client.observer
+        if observer is not None:
+            try:
+                observer.watch_event(self._resource.plural, event.type)
+            except Exception:
+                pass
         if event.type == "ERROR":
             code = event.object.get("code")
             raise ApiError.from_body(code if isinstance(code, int) and 100 <= code <= 599 else 500, event.object)
@@ -389,6 +395,9 @@ class KubeClient:
         self._session: aiohttp.ClientSession | None = None
         self._retired_sessions: list[tuple[float, aiohttp.ClientSession]] = []
         self.request_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        # Optional metrics hook: .api_request(method, resource, code, seconds) per
+        # attempt and .watch_event(resource, type) per watch event.
+        self.observer: Any = None
 
     @classmethod
     def from_kubeconfig(cls, path: str | os.PathLike, context: str | None = None,
@@ -488,10 +497,16 @@ class KubeClient:
             await self.limiter.acquire()
             self.request_counts[count_as] += 1
             session = self._get_session()
+            sent = time.monotonic()
             try:
-                response = await session.request(method, url, params=params, data=data,
-                                                 headers=self._headers(content_type),
-                                                 timeout=timeout or aiohttp.helpers.sentinel)
+                try:
+                    response = await session.request(method, url, params=params, data=data,
+                                                     headers=self._headers(content_type),
+                                                     timeout=timeout or aiohttp.helpers.sentinel)
+                except BaseException:
+                    self._observe(method, count_as, "<error>", sent)
+                    raise
+                self._observe(method, count_as, str(response.status), sent)
             except aiohttp.ClientConnectorCertificateError as exc:
                 raise self._tls_error(exc.certificate_error) from exc
             except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
@@ -541,6 +556,13 @@ class KubeClient:
                 await asyncio.sleep(delay)
                 continue
             raise error
+
+    def _observe(self, method: str, count_as: tuple[str, str], code: str, sent: float) -> None:
+        if self.observer is not None:
+            try:
+                self.observer.api_request(method, count_as[1], code, time.monotonic() - sent)
+            except Exception:
+                pass  # metrics never break a request
 
     @staticmethod
     def _params(**values: Any) -> dict[str, str]:

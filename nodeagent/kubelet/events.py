@@ -36,3 +36,24 @@ def container_field_path(kind: str, name: str, pod: dict) -> str:
     """The involvedObject.fieldPath kubelet uses, e.g. spec.containers{app}."""
     key = "initContainers" if kind in ("init", "sidecar") else "containers"
     return f"spec.{key}{{{name}}}"
+
+
+class RecentEvents:
+    """An EventSink that remembers the last warnings (for the status page) and passes
+    every event on to ``inner``."""
+
+    def __init__(self, inner: EventSink, keep: int = 50) -> None:
+        import collections
+        import time
+
+        self.inner = inner
+        self._clock = time.time
+        self.warnings: collections.deque[dict] = collections.deque(maxlen=keep)
+
+    def event(self, pod: dict, type_: str, reason: str, message: str,
+              *, field_path: str | None = None) -> None:
+        if type_ == WARNING:
+            meta = pod.get("metadata", {})
+            self.warnings.append({"time": self._clock(), "namespace": meta.get("namespace", "default"),
+                                  "pod": meta.get("name", ""), "reason": reason, "message": message})
+        self.inner.event(pod, type_, reason, message, field_path=field_path)

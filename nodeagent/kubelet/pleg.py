@@ -37,6 +37,11 @@ class PLEG:
         self.last_relist: float | None = None  # monotonic time of the last good relist
         self.runtime_error: str | None = "not yet contacted"
         self._relist_now = asyncio.Event()
+        # Optional: called with each successful relist's duration (metrics).
+        self.observer: Callable[[float], None] | None = None
+        # (monotonic time, sandboxes, containers) of the last good relist, shared with
+        # the stats sampler so it needs no listing of its own.
+        self.last_listing: tuple[float, list, list] | None = None
 
     def healthy(self) -> tuple[bool, str]:
         if self.runtime_error:
@@ -79,7 +84,20 @@ class PLEG:
                 pass
             self._relist_now.clear()
 
+    def container_counts(self) -> tuple[int, dict[str, int]]:
+        """(pods with a ready sandbox, containers by state) as of the last relist."""
+        pods = 0
+        states: dict[str, int] = {}
+        for prints in self._fingerprints.values():
+            if any(len(p) == 2 and p[1] == "ready" for p in prints):
+                pods += 1
+            for p in prints:
+                if len(p) == 3:
+                    states[p[1]] = states.get(p[1], 0) + 1
+        return pods, states
+
     async def relist(self) -> None:
+        started = time.monotonic()
         sandboxes = await self._runtime.list_pod_sandboxes()
         containers = await self._runtime.list_containers()
         was_down = self.runtime_error is not None
@@ -95,6 +113,9 @@ class PLEG:
                 self._on_pod_event(uid)
         self._fingerprints = current
         self.last_relist = time.monotonic()
+        self.last_listing = (self.last_relist, sandboxes, containers)
+        if self.observer is not None:
+            self.observer(self.last_relist - started)
         if was_down:
             log.info("container runtime reachable", pods_in_runtime=len(current))
         self._on_relist(set(current))

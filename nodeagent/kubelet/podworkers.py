@@ -123,6 +123,9 @@ class PodWorkers:
         # Set while no housekeeping pass runs; new workers wait for it.
         self._gc_idle = asyncio.Event()
         self._gc_idle.set()
+        self._started = asyncio.Event()
+        # Optional: called with ("sync" | "kill", seconds) after each worker pass (metrics).
+        self.observer: Callable[[str, float], None] | None = None
 
     async def run(self) -> None:
         """Own the worker tasks; cancelling this cancels them all."""
@@ -243,6 +246,7 @@ class PodWorkers:
                     pass
             worker.wake.clear()
             started = time.monotonic()
+            operation = "kill" if worker.removal else "sync"
             try:
                 requeue = await self._step(worker)
                 if worker.uid not in self._workers:
@@ -263,6 +267,8 @@ class PodWorkers:
                 worker.last_sync = time.monotonic()
                 if self._on_sync_duration is not None:
                     self._on_sync_duration(worker.uid, worker.last_sync - started)
+                if self.observer is not None:
+                    self.observer(operation, worker.last_sync - started)
 
     async def _step(self, worker: _Worker) -> float | None:
         """One step of the state machine; returns the requeue delay."""

@@ -1,6 +1,7 @@
-"""The node's HTTP status endpoint (kubelet's read-only port): /healthz, /pods,
-/proxy (the service proxy's service -> endpoints table) and
-/containerLogs/{namespace}/{pod}/{container}."""
+"""The node's HTTP status endpoint (kubelet's read-only port): /healthz, /readyz, /pods,
+/proxy (the service proxy's service -> endpoints table) and, on loopback,
+/containerLogs/{namespace}/{pod}/{container}; stats, metrics and the status page are
+mounted from their own modules (``mount``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Callable
 
 import structlog
 from aiohttp import web
+
+from nodeagent.server.metrics import limits_middleware
 
 log = structlog.get_logger(__name__)
 
@@ -26,6 +29,7 @@ class StatusServer:
         proxy: Callable[[], str] | None = None,
         info: Callable[[], list[str]] | None = None,
         container_logs: Callable | None = None,
+        ready_checks: dict[str, HealthCheck] | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -33,9 +37,12 @@ class StatusServer:
         self._checks = checks
         # Informational lines for ?verbose (node pressure conditions): never a failure.
         self._info = info
+        self._ready_checks = {**checks, **(ready_checks or {})}
         self._runner: web.AppRunner | None = None
-        self.app = web.Application()
+        # Bounded requests in flight and a deadline per answer (nodeagent/server/metrics.py).
+        self.app = web.Application(middlewares=[limits_middleware()])
         self.app.router.add_get("/healthz", self._healthz)
+        self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/pods", self._list_pods)
         self.app.router.add_get("/pods/", self._list_pods)
         self._proxy = proxy
@@ -45,6 +52,10 @@ class StatusServer:
             # kubelet's path and query parameters (nodeagent.kubelet.logs).
             self.app.router.add_get("/containerLogs/{namespace}/{pod}/{container}", container_logs)
         self.bound_port: int | None = None
+
+    def mount(self, routes: list[web.RouteDef]) -> None:
+        """Add handlers owned by other modules (stats, metrics, the status page)."""
+        self.app.router.add_routes(routes)
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
@@ -62,9 +73,15 @@ class StatusServer:
             self._runner = None
 
     async def _healthz(self, request: web.Request) -> web.Response:
+        return self._run_checks(request, self._checks, "healthz")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        return self._run_checks(request, self._ready_checks, "readyz")
+
+    def _run_checks(self, request: web.Request, checks: dict[str, HealthCheck], what: str) -> web.Response:
         lines = []
         healthy = True
-        for name, check in self._checks.items():
+        for name, check in checks.items():
             ok, detail = check()
             healthy &= ok
             if ok:  # a healthy check may still say something (e.g. manifests not loaded)
@@ -75,9 +92,9 @@ class StatusServer:
         if self._info is not None:
             lines += [f"[i]{line}" for line in self._info()]
         if healthy:
-            body = "\n".join(lines + ["healthz check passed"]) if verbose else "ok"
+            body = "\n".join(lines + [f"{what} check passed"]) if verbose else "ok"
             return web.Response(text=body)
-        return web.Response(status=500, text="\n".join(lines + ["healthz check failed"]))
+        return web.Response(status=500, text="\n".join(lines + [f"{what} check failed"]))
 
     async def _show_proxy(self, request: web.Request) -> web.Response:
         assert self._proxy is not None

@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 
 from runtime import labels as L
-from runtime.cgroups import read_container_stats
+from nodeagent.stats.cgroups import CgroupGone, CgroupReader
+
+
+def read_container_stats(container_id: str, **kwargs):
+    return CgroupReader().read(container_id, **kwargs)
 from runtime.docker import StartContainerError, container_name
 from runtime.types import (
     ContainerConfig,
@@ -287,7 +291,7 @@ async def test_cgroup_stats(runtime):
     assert by_pid.memory_limit == 64 * MiB
     sandbox_stats = await asyncio.to_thread(read_container_stats, sandbox.id)
     assert sandbox_stats.memory_limit is None
-    with pytest.raises(NotFound):
+    with pytest.raises(CgroupGone):
         await asyncio.to_thread(read_container_stats, "f" * 64)
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cgroups import read_container_stats
 from runtime.docker import DockerRuntime, _matching_digest, container_name, sandbox_name
 from runtime.imageref import normalize, parse_image_ref
 from runtime.pause_image import PauseImageError, build_pause_binary, pause_rootfs_tar
@@ -91,52 +90,6 @@ def test_user_strings():
 def test_runtime_rejects_an_empty_node_name():
     with pytest.raises(ValueError, match="node_name"):
         DockerRuntime("")
-
-
-# --- cgroups ----------------------------------------------------------------------------
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
-def test_cgroup_v1_cgroupfs(tmp_path):
-    cid = "c" * 64
-    mem = tmp_path / "memory" / "docker" / cid
-    _write(mem / "memory.usage_in_bytes", "10000\n")
-    _write(mem / "memory.limit_in_bytes", "9223372036854771712\n")
-    _write(mem / "memory.stat", "cache 1\nrss 2\ntotal_cache 3000\ntotal_rss 6000\n"
-                                "total_inactive_file 2500\n")
-    _write(tmp_path / "cpuacct" / "docker" / cid / "cpuacct.usage", "123456789\n")
-    stats = read_container_stats(cid, root=tmp_path)
-    assert (stats.cpu_usage_ns, stats.memory_usage, stats.memory_working_set) == (123456789, 10000, 7500)
-    assert (stats.memory_rss, stats.memory_cache, stats.memory_limit) == (6000, 3000, None)
-
-
-def test_cgroup_v1_systemd_driver_with_limit(tmp_path):
-    cid = "d" * 64
-    mem = tmp_path / "memory" / "system.slice" / f"docker-{cid}.scope"
-    _write(mem / "memory.usage_in_bytes", "100\n")
-    _write(mem / "memory.limit_in_bytes", "16777216\n")
-    _write(mem / "memory.stat", "total_inactive_file 500\n")  # more than usage: clamp at 0
-    _write(tmp_path / "cpuacct" / "system.slice" / f"docker-{cid}.scope" / "cpuacct.usage", "5\n")
-    stats = read_container_stats(cid, root=tmp_path)
-    assert (stats.memory_limit, stats.memory_working_set, stats.cpu_usage_ns) == (16777216, 0, 5)
-
-
-def test_cgroup_v2_with_cgroup_parent(tmp_path):
-    cid = "e" * 64
-    _write(tmp_path / "cgroup.controllers", "cpu memory\n")
-    group = tmp_path / "kubepods" / "pod1" / cid
-    _write(group / "memory.current", "4096\n")
-    _write(group / "memory.max", "max\n")
-    _write(group / "memory.stat", "anon 1000\nfile 3000\ninactive_file 1096\n")
-    _write(group / "cpu.stat", "usage_usec 250\nuser_usec 200\n")
-    stats = read_container_stats(cid, root=tmp_path, cgroup_parent="/kubepods/pod1")
-    assert (stats.cpu_usage_ns, stats.memory_usage, stats.memory_working_set) == (250_000, 4096, 3000)
-    assert (stats.memory_rss, stats.memory_cache, stats.memory_limit) == (1000, 3000, None)
-    with pytest.raises(NotFound, match="not found"):
-        read_container_stats("f" * 64, root=tmp_path)
 
 
 # --- pause image build ------------------------------------------------------------------
