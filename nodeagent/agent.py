@@ -17,6 +17,7 @@ from nodeagent.kubelet.kubelet import Kubelet
 from nodeagent.standalone.manifests import ManifestSnapshot, ManifestSource
 from nodeagent.kubelet.pleg import PLEG
 from nodeagent.kubelet.podworkers import PodWorkers
+from nodeagent.prober import HookRunner, ProbeManager
 from netplugin.proxy import ServiceProxy, StandaloneServices
 from nodeagent.server.status import StatusServer
 from nodeagent.standalone.services import StandaloneServiceFeed
@@ -84,6 +85,9 @@ class Agent:
             pod_cidr=settings.pod_cidr,
             state_dir=root / "ipam",
         )
+        # Probes and lifecycle hooks; a changed probe result re-syncs its pod.
+        self.prober = ProbeManager(self.runtime, events=self.cluster.events if self.cluster else None,
+                                   on_change=lambda uid: self.workers.kick(uid))
         self.volumes = VolumeManager(root, sources=self.cluster.env_sources if self.cluster else None)
         self.kubelet = Kubelet(
             node_name=settings.node_name,
@@ -101,6 +105,8 @@ class Agent:
             on_forget=self._on_forget,
             events=self.cluster.events if self.cluster else None,
             env_sources=self.cluster.env_sources if self.cluster else None,
+            prober=self.prober,
+            hooks=HookRunner(self.runtime, self.prober.http),
         )
         self.workers = PodWorkers(self.cluster.syncer if self.cluster else self.kubelet)
         self.pleg = PLEG(
@@ -276,6 +282,7 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.workers.run(), name="pod-workers")
                 tg.create_task(self.pleg.run(), name="pleg")
+                tg.create_task(self.prober.run(), name="prober")
                 tg.create_task(self._housekeeping(), name="housekeeping")
                 if self.manifests is not None:
                     tg.create_task(self.manifests.run(), name="manifest-source")

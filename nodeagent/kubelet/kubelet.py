@@ -12,7 +12,7 @@ import asyncio
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import structlog
 
@@ -24,6 +24,7 @@ from nodeagent.kubelet.podactions import compute_pod_actions, termination_order
 from nodeagent.api.podspec import iter_containers
 from nodeagent.kubelet.podstatus import generate_pod_status
 from nodeagent.kubelet.volumes import VolumeManager
+from nodeagent.prober.kubelet import post_start, pre_stop, probe_inputs, probe_results
 from runtime.types import (
     ContainerStatus,
     ContainerState,
@@ -41,6 +42,9 @@ from runtime.types import (
     SandboxState,
     SandboxStatus,
 )
+
+if TYPE_CHECKING:
+    from nodeagent.prober import HookRunner, ProbeManager
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +111,8 @@ class Kubelet:
         events: EventSink | None = None,
         env_sources: EnvSources | None = None,
         on_forget: Callable[[str], None] | None = None,
+        prober: "ProbeManager | None" = None,
+        hooks: "HookRunner | None" = None,
     ) -> None:
         self.node_name = node_name
         self.runtime = runtime
@@ -128,6 +134,9 @@ class Kubelet:
         self._start_times: dict[str, float] = {}
         # Sandbox ids whose network this process has set up or verified.
         self._network_ready: set[str] = set()
+        # Probes and lifecycle hooks (nodeagent/prober); None runs neither.
+        self.prober = prober
+        self.hooks = hooks
 
     # --- desired state -------------------------------------------------------------
 
@@ -141,10 +150,14 @@ class Kubelet:
             self.pods[uid] = PodRecord(pod=pod, rejected=rejected)
         else:
             record.pod, record.rejected = pod, rejected
+        if self.prober is not None and not rejected:
+            self.prober.add_pod(pod)
 
     def forget(self, uid: str) -> None:
         if self.pods.pop(uid, None) is not None and self._on_forget is not None:
             self._on_forget(uid)
+        if self.prober is not None:
+            self.prober.remove_pod(uid)
         self._start_times.pop(uid, None)
         for key in [k for k in self._pull_failures if k[0] == uid]:
             del self._pull_failures[key]
@@ -163,7 +176,8 @@ class Kubelet:
         now = _now()
         terminating = pod["metadata"].get("deletionTimestamp") is not None
         actions = compute_pod_actions(
-            pod, sandboxes, containers, self.backoff, now, terminating=terminating
+            pod, sandboxes, containers, self.backoff, now, terminating=terminating,
+            **probe_inputs(self.prober, uid, containers),
         )
         waiting: dict[str, tuple[str, str]] = dict(actions.waiting)
         for name, (reason, message) in actions.waiting.items():
@@ -196,7 +210,8 @@ class Kubelet:
         for kill in actions.to_kill:
             log.info("killing container", pod=_fmt(pod), container=kill.name, reason=kill.reason)
             self.events.event(pod, NORMAL, "Killing", f"Stopping container {kill.name}: {kill.message}")
-            await self._stop_container(kill.container_id, _grace_period(pod, containers))
+            grace = kill.grace if kill.grace is not None else _grace_period(pod, containers)
+            await self._stop_container(kill.container_id, grace, pod, kill.name)
         for container_id in actions.to_remove:
             try:
                 await self.runtime.remove_container(container_id)
@@ -336,6 +351,8 @@ class Kubelet:
             self.events.event(pod, NORMAL, "Created", f"Created container {start.name}", field_path=path)
             await self.runtime.start_container(container_id)
             self.events.event(pod, NORMAL, "Started", f"Started container {start.name}", field_path=path)
+            if self.hooks is not None and await post_start(self, pod, container, container_id, pod_ip, path):
+                return "", "", None  # killed: its exit takes the restart-policy path
         except (CreateContainerError, RuntimeTimeout) as exc:
             log.warning("container failed to start", pod=_fmt(pod), container=start.name, error=str(exc))
             self.events.event(pod, WARNING, "Failed", f"Error: {exc}", field_path=path)
@@ -415,7 +432,7 @@ class Kubelet:
                 # Each group gets what is left of the pod's grace period, like kubelet:
                 # sidecars stop only after the app containers are gone.
                 remaining = max(0, int(deadline - time.monotonic() + 0.999))
-                await asyncio.gather(*(self._stop_container(c.id, remaining) for c in group))
+                await asyncio.gather(*(self._stop_container(c.id, remaining, pod, c.name) for c in group))
         for s in sandboxes:
             if s.state == SandboxState.READY:
                 try:
@@ -426,7 +443,11 @@ class Kubelet:
             netns = next((s.netns_path for s in sandboxes if s.netns_path), None)
             await self.network.teardown_pod(uid, netns)
 
-    async def _stop_container(self, container_id: str, grace: int) -> None:
+    async def _stop_container(
+        self, container_id: str, grace: int, pod: dict | None = None, name: str | None = None
+    ) -> None:
+        if self.hooks is not None and pod is not None and name is not None:
+            grace = await pre_stop(self, pod, name, container_id, grace)
         try:
             await self.runtime.stop_container(container_id, grace)
         except NotFound:
@@ -450,8 +471,11 @@ class Kubelet:
             pod, sandboxes, containers,
             waiting=waiting, pod_ips=pod_ips, host_ips=[self.host_ip],
             previous=previous or None, now=_now(), start_time=self._start_times.get(uid),
+            **probe_results(self.prober, uid, containers),
         )
         self._set_status(uid, status)
+        if self.prober is not None:
+            self.prober.on_status(uid, pod, status)
 
     def _set_status(self, uid: str, status: dict) -> None:
         record = self.pods.get(uid)
