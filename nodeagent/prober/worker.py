@@ -129,12 +129,14 @@ class ProbeWorker:
                 self.trigger.clear()
                 now = loop.time()
                 if not triggered:
+                    # How late the loop woke us: the scheduling delay the bench reports.
                     self.manager.record_lateness(now - next_tick)
                     next_tick += period
-                    if next_tick <= now:  # skip ticks a long check or a busy loop missed
-                        next_tick += period * ((now - next_tick) // period + 1)
                 if not await self.do_probe():
                     return
+                now = loop.time()
+                if next_tick <= now:  # ticks a slow check overran are skipped, not queued
+                    next_tick += period * ((now - next_tick) // period + 1)
         finally:
             self.manager.worker_done(self)
 
