@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
-
+from runtime import http1
 from nodeagent.kubelet.containerconfig import expand
 from nodeagent.prober.handlers import ExecRuntime, HTTPClient, Target, static_env
 from runtime.types import RuntimeError_, RuntimeTimeout
@@ -69,6 +68,6 @@ class HookRunner:
             return f"HTTP lifecycle hook ({action.get('path', '/')}) {where} failed - error: {exc}"
         try:
             await self.http.get(url, headers)
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
+        except (http1.ProtocolError, OSError, ValueError) as exc:
             return f'HTTP lifecycle hook ({action.get("path", "/")}) {where} failed - error: Get "{url}": {exc}'
         return None

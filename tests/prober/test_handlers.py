@@ -205,17 +205,18 @@ async def container():
 async def test_exec_probe_exit_codes_output_timeout_and_missing_command(container):
     rt, cid = container
     spec = {"name": "app", "env": [{"name": "WHO", "value": "probe"}]}
-    ok = await run_probe({"exec": {"command": ["sh", "-c", "echo hi $(WHO)"]}}, target(spec, cid), 2.0,
+    # Generous timeouts where the command must finish: the machine may be loaded.
+    ok = await run_probe({"exec": {"command": ["sh", "-c", "echo hi $(WHO)"]}}, target(spec, cid), 10.0,
                          runtime=rt, http=None)
     assert ok.result == Result.SUCCESS and ok.output == "hi probe\n"  # $(VAR) from the static env
-    bad = await run_probe({"exec": {"command": ["sh", "-c", "echo broken >&2; exit 2"]}}, target(spec, cid), 2.0,
+    bad = await run_probe({"exec": {"command": ["sh", "-c", "echo broken >&2; exit 2"]}}, target(spec, cid), 10.0,
                           runtime=rt, http=None)
     assert bad.result == Result.FAILURE and bad.output == "broken\n"
     started = time.monotonic()
     slow = await run_probe({"exec": {"command": ["sleep", "30"]}}, target(spec, cid), 0.5, runtime=rt, http=None)
     assert slow.result == Result.FAILURE and "timed out" in slow.output
-    assert time.monotonic() - started < 2.0
-    missing = await run_probe({"exec": {"command": ["/no/such/probe"]}}, target(spec, cid), 2.0,
+    assert time.monotonic() - started < 2.5
+    missing = await run_probe({"exec": {"command": ["/no/such/probe"]}}, target(spec, cid), 10.0,
                               runtime=rt, http=None)
     assert missing.result == Result.FAILURE and "no such file" in missing.output
 
@@ -228,10 +229,10 @@ async def test_hooks_exec_sleep_and_http(container, http_server):
     pod = {"metadata": {"name": "p", "namespace": "default", "uid": "u"}}
     spec = {"name": "app"}
     assert await hooks.run(pod, spec, {"exec": {"command": ["sh", "-c", "echo x > /tmp/hooked"]}},
-                           target(spec, cid), 5.0) is None
+                           target(spec, cid), 20.0) is None
     assert subprocess.run(["docker", "exec", cid, "cat", "/tmp/hooked"], capture_output=True,
                           text=True).stdout == "x\n"
-    error = await hooks.run(pod, spec, {"exec": {"command": ["/no/such/hook"]}}, target(spec, cid), 5.0)
+    error = await hooks.run(pod, spec, {"exec": {"command": ["/no/such/hook"]}}, target(spec, cid), 20.0)
     assert error and error.startswith("Exec lifecycle hook (['/no/such/hook']) for Container \"app\" in Pod "
                                       "\"p_default(u)\" failed - error: command '/no/such/hook' exited with 126")
     started = time.monotonic()
