@@ -332,17 +332,17 @@ def _describe(exc: BaseException) -> str:
 async def run_probe(
     probe: dict, target: Target, timeout: float, *, runtime: ExecRuntime, http: HTTPClient
 ) -> Outcome:
-    """Run the probe's one handler; a timeout a handler did not catch is a failure."""
-    try:
-        async with asyncio.timeout(timeout + 1.0):  # the handlers enforce ``timeout``
-            if probe.get("exec") is not None:
-                return await exec_command(runtime, probe["exec"], target, timeout)
-            if probe.get("httpGet") is not None:
-                return await http_get(http, probe["httpGet"], target, timeout)
-            if probe.get("tcpSocket") is not None:
-                return await tcp_socket(probe["tcpSocket"], target, timeout)
-            if probe.get("grpc") is not None:
+    """Run the probe's one handler (each enforces ``timeout`` itself)."""
+    if probe.get("exec") is not None:
+        return await exec_command(runtime, probe["exec"], target, timeout)
+    if probe.get("httpGet") is not None:
+        return await http_get(http, probe["httpGet"], target, timeout)
+    if probe.get("tcpSocket") is not None:
+        return await tcp_socket(probe["tcpSocket"], target, timeout)
+    if probe.get("grpc") is not None:
+        try:
+            async with asyncio.timeout(timeout + 1.0):  # grpc's deadline covers the call only
                 return await grpc_check(probe["grpc"], target, timeout)
-    except TimeoutError:
-        return Outcome(Result.FAILURE, f"probe did not finish within {timeout:g}s")
+        except TimeoutError:
+            return Outcome(Result.FAILURE, f"probe did not finish within {timeout:g}s")
     return Outcome(Result.UNKNOWN, "the probe has no handler")

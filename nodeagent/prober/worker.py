@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
+def _resolve(future: "asyncio.Future[bool]", value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
 @dataclass
 class ProbeSpec:
     """A probe with every timing field defaulted (API defaults, 0 meaning unset)."""
@@ -98,7 +103,8 @@ class ProbeWorker:
     on_hold: bool = False
     last_result: Result = Result.UNKNOWN
     result_run: int = 0
-    trigger: asyncio.Event = field(default_factory=asyncio.Event)
+    _wake: "asyncio.Future[bool] | None" = None
+    _triggered: bool = False
     stopped: bool = False
     task: asyncio.Task | None = None
     probes_run: int = 0
@@ -118,15 +124,19 @@ class ProbeWorker:
         try:
             while not self.stopped:
                 triggered = False
-                delay = next_tick - loop.time()
-                if delay > 0:
+                if next_tick > loop.time() and not self._triggered:
+                    # One future per tick, resolved by the timer or by wake_now(): cheaper
+                    # than a timeout context (no cancellation) at 100+ ticks a second.
+                    wake = loop.create_future()
+                    self._wake = wake
+                    timer = loop.call_at(next_tick, _resolve, wake, False)
                     try:
-                        async with asyncio.timeout(delay):
-                            await self.trigger.wait()
-                        triggered = True
-                    except TimeoutError:
-                        pass
-                self.trigger.clear()
+                        triggered = await wake
+                    finally:
+                        timer.cancel()
+                        self._wake = None
+                triggered = triggered or self._triggered
+                self._triggered = False
                 now = loop.time()
                 if not triggered:
                     # How late the loop woke us: the scheduling delay the bench reports.
@@ -142,7 +152,13 @@ class ProbeWorker:
 
     def stop(self) -> None:
         self.stopped = True
-        self.trigger.set()
+        self.wake_now()
+
+    def wake_now(self) -> None:
+        """Probe at once instead of at the next tick."""
+        self._triggered = True
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(True)
 
     # --- one tick ---------------------------------------------------------------
 
@@ -155,7 +171,7 @@ class ProbeWorker:
         if self.probe_type == ProbeType.READINESS and observed.started and observed.running and (
             not was.started or was.container_id != observed.container_id
         ):
-            self.trigger.set()
+            self.wake_now()
 
     async def do_probe(self) -> bool:
         """One tick; False ends the worker."""

@@ -129,6 +129,14 @@ def test_readiness_liveness_startup_and_bad_probes(agent):
     refused = [r for r in _events(agent, "Unhealthy") if "closed-" in r["pod"]]
     assert refused and "connection refused" in refused[0]["message"], refused[:1]
 
+    # --- agent restart: results are rebuilt by probing again; nothing restarts ------
+    before = agent.container_of("startup", "app")["Id"]
+    agent.kill9()
+    agent.start()
+    p = agent.wait_for("startup pod started and ready again", lambda: (p := agent.pod("startup")) and
+                       _cs(p)["started"] and _cs(p)["ready"] and p, timeout=30)
+    assert _cs(p)["restartCount"] == 0 and agent.container_of("startup", "app")["Id"] == before
+
 
 def test_lifecycle_hooks_order(agent, tmp_path):
     shared = tmp_path / "shared"
