@@ -432,7 +432,9 @@ class Kubelet:
                 # Each group gets what is left of the pod's grace period, like kubelet:
                 # sidecars stop only after the app containers are gone.
                 remaining = max(0, int(deadline - time.monotonic() + 0.999))
-                await asyncio.gather(*(self._stop_container(c.id, remaining, pod, c.name) for c in group))
+                await asyncio.gather(*(self._stop_container(
+                    c.id, remaining, pod, c.name if c.state == ContainerState.RUNNING else None)
+                    for c in group))  # preStop only for what runs
         for s in sandboxes:
             if s.state == SandboxState.READY:
                 try:

@@ -67,7 +67,7 @@ async def post_start(
         return False
     log.warning("postStart hook failed", pod=pod["metadata"]["name"], container=container["name"], error=error)
     kubelet.events.event(pod, WARNING, "FailedPostStartHook", error, field_path=field_path)
-    kubelet.events.event(pod, NORMAL, "Killing", f"FailedPostStartHook", field_path=field_path)
+    kubelet.events.event(pod, NORMAL, "Killing", "FailedPostStartHook", field_path=field_path)
     await kubelet._stop_container(container_id, _grace(pod), pod, container["name"])
     return True
 

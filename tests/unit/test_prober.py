@@ -289,3 +289,24 @@ def test_status_started_and_ready_follow_probe_results():
     s = gen({"app": True}, {"app": True})
     conds = {c["type"]: c["status"] for c in s["conditions"]}
     assert conds["Ready"] == "True" and conds["ContainersReady"] == "True"
+
+
+def test_sidecar_startup_probe_gates_the_next_init_container():
+    p = {"metadata": {"name": "p", "namespace": "default", "uid": UID},
+         "spec": {"restartPolicy": "Always",
+                  "initContainers": [{"name": "side", "image": "busybox:1.35", "restartPolicy": "Always",
+                                      "startupProbe": probe("s")},
+                                     {"name": "setup", "image": "busybox:1.35"}],
+                  "containers": [{"name": "app", "image": "busybox:1.35"}]}}
+    sb = SandboxStatus(id="sb0", pod=PodRef("p", "default", UID), attempt=0, state=SandboxState.READY,
+                       created_at=50.0)
+    side = running("docker://s1", name="side")
+    side.sandbox_id, side.kind = "sb0", "sidecar"
+    waiting = compute_pod_actions(p, [sb], [side], Backoff(), 1000.0, started={"side": False})
+    assert waiting.to_start == []
+    go = compute_pod_actions(p, [sb], [side], Backoff(), 1000.0, started={"side": True})
+    assert [s.name for s in go.to_start] == ["setup"]
+    # A failed liveness probe of a sidecar kills it too.
+    killed = compute_pod_actions(p, [sb], [side], Backoff(), 1000.0, started={"side": True},
+                                 probe_kills={"s1": ("liveness", None)})
+    assert [(k.container_id, k.reason) for k in killed.to_kill] == [("s1", "LivenessProbe")]
