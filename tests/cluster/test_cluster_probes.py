@@ -35,7 +35,7 @@ async def test_readiness_and_liveness_in_the_api(cp_recording, rkubectl, cluster
         "app", "touch /tmp/alive; while true; do sleep 1; done",
         readinessProbe=ready_probe, livenessProbe=live_probe)]))
     pod = await agent.wait_api_phase("probed", "Running")
-    await agent.wait("unready while the probe fails", lambda: _ready(agent.api_pod("probed")) == "False", 20)
+    await agent.wait("unready while the probe fails", lambda: _ready(agent.api_pod("probed")) == "False", 60)
     (app,) = [c for c in await agent.docker_containers(pod["metadata"]["uid"], running_only=True)
               if c["Config"]["Labels"]["io.kubernetes.container.name"] == "app"]
 
@@ -43,13 +43,13 @@ async def test_readiness_and_liveness_in_the_api(cp_recording, rkubectl, cluster
         subprocess.run(["docker", "exec", app["Id"], *cmd], check=True, capture_output=True, timeout=30)
 
     await asyncio.to_thread(docker_exec, "touch", "/tmp/ready")
-    await agent.wait("Ready in the API", lambda: _ready(agent.api_pod("probed")) == "True", 20)
+    await agent.wait("Ready in the API", lambda: _ready(agent.api_pod("probed")) == "True", 60)
     cs = agent.api_pod("probed")["status"]["containerStatuses"][0]
     assert cs["ready"] is True and cs["started"] is True
 
     await asyncio.to_thread(docker_exec, "rm", "/tmp/alive")
     restarted = await agent.wait("liveness restart", lambda: (p := agent.api_pod("probed")) and
-                                 p["status"]["containerStatuses"][0]["restartCount"] >= 1 and p, 40)
+                                 p["status"]["containerStatuses"][0]["restartCount"] >= 1 and p, 60)
     # The new instance has no /tmp/ready: unready again until its probe passes.
     assert restarted["status"]["containerStatuses"][0]["ready"] is False
 
@@ -57,7 +57,7 @@ async def test_readiness_and_liveness_in_the_api(cp_recording, rkubectl, cluster
         return [e["reason"] for e in sorted(cp.objects("events", "default"),
                                             key=lambda e: e.get("firstTimestamp") or "")
                 if e["involvedObject"].get("name") == "probed"]
-    await agent.wait("Unhealthy and Killing events", lambda: {"Unhealthy", "Killing"} <= set(reasons()), 20)
+    await agent.wait("Unhealthy and Killing events", lambda: {"Unhealthy", "Killing"} <= set(reasons()), 60)
     events = [e for e in cp.objects("events", "default") if e["involvedObject"].get("name") == "probed"]
     killing = [e for e in events if e["reason"] == "Killing"]
     assert any("failed liveness probe, will be restarted" in e["message"] for e in killing), killing
