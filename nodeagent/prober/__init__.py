@@ -13,7 +13,10 @@ This package owns:
   come and go, learns container ids from each published pod status, turns results into
   ``started``/``ready`` for the status and into kill requests for failed liveness and
   startup probes, and kicks the pod worker when a result changes;
-* ``hooks``: postStart and preStop (exec, httpGet, sleep).
+* ``hooks``: postStart and preStop (exec, httpGet, sleep);
+* ``kubelet``: the few calls the kubelet makes into this package (what
+  ``compute_pod_actions`` and ``generate_pod_status`` get, and the hook steps of
+  starting and stopping a container).
 
 Nothing here touches Docker except through ``RuntimeService.exec_sync``, and nothing
 here changes a container: killing after a failed liveness probe is the pod worker's

@@ -7,7 +7,6 @@ server runs inside a pod's own network namespace.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from tests.e2e.conftest import REPO, busybox, docker, exec_in, pod_manifest
+from tests.e2e.conftest import REPO, busybox, exec_in, pod_manifest
 
 pytestmark = [pytest.mark.docker, pytest.mark.root]
 
