@@ -188,17 +188,27 @@ async def test_grpc_health_check():
 # --- exec and hooks in a real container -------------------------------------------------
 
 
+def _remove_labelled(node: str) -> None:
+    ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=io.nodeagent.node={node}"],
+                         capture_output=True, text=True, timeout=120).stdout.split()
+    if ids:
+        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, timeout=120)
+
+
 @pytest.fixture
 async def container():
     node = f"ptest-{uuid.uuid4().hex[:10]}"
-    cid = subprocess.run(
-        ["docker", "run", "-d", "--network", "none", "--label", f"io.nodeagent.node={node}", "busybox:1.35",
-         "sh", "-c", "while true; do sleep 1; done"],
-        capture_output=True, text=True, check=True, timeout=60).stdout.strip()
-    rt = DockerRuntime(node, call_timeout=20.0)
-    yield rt, cid
-    await rt.close()
-    subprocess.run(["docker", "rm", "-f", cid], capture_output=True, timeout=60)
+    try:
+        # Generous: Docker on a machine shared with other test suites can be slow.
+        cid = subprocess.run(
+            ["docker", "run", "-d", "--network", "none", "--label", f"io.nodeagent.node={node}", "busybox:1.35",
+             "sh", "-c", "while true; do sleep 1; done"],
+            capture_output=True, text=True, check=True, timeout=180).stdout.strip()
+        rt = DockerRuntime(node, call_timeout=20.0)
+        yield rt, cid
+        await rt.close()
+    finally:
+        _remove_labelled(node)
 
 
 @pytest.mark.docker
