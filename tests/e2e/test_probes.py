@@ -156,8 +156,23 @@ def test_lifecycle_hooks_order(agent, tmp_path):
         "app", "while true; do sleep 1; done",
         lifecycle={"postStart": {"exec": {"command": ["/no/such/hook"]}}})],
         terminationGracePeriodSeconds=2)
+    # A liveness kill runs preStop before the stop signal too; a failing preStop is an
+    # event and the stop goes on.
+    livehook = pod_manifest("livehook", [busybox(
+        "app",
+        "trap 'echo term >> /shared/live.log; exit 0' TERM; while true; do sleep 0.2; done",
+        volumeMounts=mounts,
+        livenessProbe={"exec": {"command": ["test", "-f", "/nonexistent"]}, "periodSeconds": 1,
+                       "failureThreshold": 1},
+        lifecycle={"preStop": {"exec": {"command": ["sh", "-c", "echo prestop >> /shared/live.log"]}}})],
+        volumes=volumes, terminationGracePeriodSeconds=10)
+    badstop = pod_manifest("badstop", [busybox(
+        "app", "trap 'exit 0' TERM; while true; do sleep 0.2; done",
+        lifecycle={"preStop": {"exec": {"command": ["/no/such/prestop"]}}})])
     agent.write("hooked.yaml", hooked)
     agent.write("broken.yaml", broken)
+    agent.write("livehook.yaml", livehook)
+    agent.write("badstop.yaml", badstop)
 
     # Never seen started without the postStart marker.
     seen_started = False
@@ -177,9 +192,17 @@ def test_lifecycle_hooks_order(agent, tmp_path):
     failed = [r for r in _events(agent, "FailedPostStartHook") if "broken-" in r["pod"]]
     assert failed and "/no/such/hook" in failed[0]["message"]
 
+    agent.wait_for("liveness kill", lambda: _cs(agent.pod("livehook"))["restartCount"] >= 1, timeout=40)
+    assert (shared / "live.log").read_text().split()[:2] == ["prestop", "term"]
+
+    agent.wait_phase("badstop", "Running")
     agent.remove("hooked.yaml")
+    agent.remove("badstop.yaml")
     agent.wait_for("hooked pod gone", lambda: agent.pod("hooked") is None, timeout=30)
     assert (shared / "log").read_text().split() == ["prestop", "term"]
+    agent.wait_for("badstop pod gone", lambda: agent.pod("badstop") is None, timeout=30)
+    failed = [r for r in _events(agent, "FailedPreStopHook") if "badstop-" in r["pod"]]
+    assert failed and "/no/such/prestop" in failed[0]["message"]
 
 
 GRPC_SERVER = r"""
