@@ -24,7 +24,7 @@ from nodeagent.kubelet.podactions import compute_pod_actions, termination_order
 from nodeagent.api.podspec import iter_containers
 from nodeagent.kubelet.podstatus import generate_pod_status
 from nodeagent.kubelet.volumes import VolumeManager
-from nodeagent.prober.kubelet import post_start, pre_stop, probe_inputs, probe_results
+from nodeagent.prober.kubelet import hook_labels, post_start, pre_stop, probe_inputs, probe_results
 from runtime.types import (
     ContainerStatus,
     ContainerState,
@@ -344,6 +344,7 @@ class Kubelet:
             self.events.event(pod, WARNING, "Failed", f"Error: {exc}", field_path=path)
             return exc.reason, str(exc), 10.0
         config.labels[GRACE_PERIOD_LABEL] = str(pod["spec"].get("terminationGracePeriodSeconds", 30))
+        config.labels.update(hook_labels(container))
         try:
             log.info("starting container", pod=_fmt(pod), container=start.name,
                      kind=start.kind, attempt=start.attempt)
@@ -432,9 +433,7 @@ class Kubelet:
                 # Each group gets what is left of the pod's grace period, like kubelet:
                 # sidecars stop only after the app containers are gone.
                 remaining = max(0, int(deadline - time.monotonic() + 0.999))
-                await asyncio.gather(*(self._stop_container(
-                    c.id, remaining, pod, c.name if c.state == ContainerState.RUNNING else None)
-                    for c in group))  # preStop only for what runs
+                await asyncio.gather(*(self._stop_container(c.id, remaining, pod, c.name, c) for c in group))
         for s in sandboxes:
             if s.state == SandboxState.READY:
                 try:
@@ -446,10 +445,11 @@ class Kubelet:
             await self.network.teardown_pod(uid, netns)
 
     async def _stop_container(
-        self, container_id: str, grace: int, pod: dict | None = None, name: str | None = None
+        self, container_id: str, grace: int, pod: dict | None = None, name: str | None = None,
+        status: ContainerStatus | None = None,
     ) -> None:
-        if self.hooks is not None and pod is not None and name is not None:
-            grace = await pre_stop(self, pod, name, container_id, grace)
+        if self.hooks is not None and name is not None:
+            grace = await pre_stop(self, pod, name, container_id, grace, status)
         try:
             await self.runtime.stop_container(container_id, grace)
         except NotFound:

@@ -4,6 +4,7 @@ prober, and the postStart/preStop steps of starting and stopping a container."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import TYPE_CHECKING, Any, Iterable
@@ -11,9 +12,9 @@ from typing import TYPE_CHECKING, Any, Iterable
 import structlog
 
 from nodeagent.api.podspec import iter_containers
-from nodeagent.kubelet.events import NORMAL, WARNING
+from nodeagent.kubelet.events import NORMAL, WARNING, container_field_path
 from nodeagent.prober.handlers import Target
-from runtime.types import ContainerStatus
+from runtime.types import ContainerState, ContainerStatus
 
 if TYPE_CHECKING:
     from nodeagent.kubelet.kubelet import Kubelet
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+PRE_STOP_LABEL = "io.kubernetes.container.preStopHandler"
 # kubelet never stops a container with less than this after its preStop hook ran.
 MIN_GRACE_AFTER_PRESTOP = 2
 # kubelet runs postStart without a deadline, blocking the pod's worker; this agent
@@ -72,23 +74,52 @@ async def post_start(
     return True
 
 
-async def pre_stop(kubelet: "Kubelet", pod: dict, name: str, container_id: str, grace: int) -> int:
+def hook_labels(container: dict) -> dict[str, str]:
+    """Labels for the runtime: the preStop handler, so a pod whose spec is gone (its
+    manifest removed while the agent was down) still gets it when stopped, as kubelet
+    keeps it in its container labels too."""
+    handler = (container.get("lifecycle") or {}).get("preStop")
+    return {PRE_STOP_LABEL: json.dumps(handler, sort_keys=True)} if handler else {}
+
+
+async def pre_stop(
+    kubelet: "Kubelet", pod: dict | None, name: str, container_id: str, grace: int,
+    status: ContainerStatus | None = None,
+) -> int:
     """Run the container's preStop hook within ``grace``; return the grace left for
-    the stop signal (at least 2 s, as kubelet)."""
-    container = _spec(pod, name)
-    handler = ((container or {}).get("lifecycle") or {}).get("preStop")
-    if not handler or kubelet.hooks is None or grace <= 0:
+    the stop signal (at least 2 s, as kubelet). Without the pod's spec the handler
+    comes from the container's labels."""
+    if kubelet.hooks is None or grace <= 0:
         return grace
-    assert container is not None
+    if status is not None and status.state != ContainerState.RUNNING:
+        return grace  # nothing runs to run a hook in
+    if pod is not None:
+        container = _spec(pod, name) or {"name": name}
+        handler = (container.get("lifecycle") or {}).get("preStop")
+    elif status is not None and status.labels.get(PRE_STOP_LABEL):
+        container = {"name": name}
+        try:
+            handler = json.loads(status.labels[PRE_STOP_LABEL])
+        except ValueError:
+            handler = None
+        pod = {"metadata": {"name": status.pod.name, "namespace": status.pod.namespace,
+                            "uid": status.pod.uid}, "spec": {}}
+    else:
+        handler = None
+    if not isinstance(handler, dict) or pod is None:
+        return grace
     started = time.monotonic()
-    pod_ip = await kubelet._pod_ip(pod)
+    if pod.get("spec"):
+        pod_ip = await kubelet._pod_ip(pod)
+    else:
+        net = await kubelet.network.pod_status(pod["metadata"]["uid"])
+        pod_ip = net.ip if net else None
     error = await kubelet.hooks.run(pod, container, handler, Target(container_id, pod_ip, container), float(grace))
     if error is not None:
         log.warning("preStop hook failed", pod=pod["metadata"]["name"], container=name, error=error)
-        kind = "sidecar" if any(c.get("name") == name for c in pod["spec"].get("initContainers") or ()) else "app"
-        from nodeagent.kubelet.events import container_field_path
-
-        kubelet.events.event(pod, WARNING, "FailedPreStopHook", error,
-                             field_path=container_field_path(kind, name, pod))
+        if pod.get("spec"):  # an event needs the pod object; a pod known only from labels is logged
+            kind = "sidecar" if any(c.get("name") == name for c in pod["spec"].get("initContainers") or ()) else "app"
+            kubelet.events.event(pod, WARNING, "FailedPreStopHook", error,
+                                 field_path=container_field_path(kind, name, pod))
     left = grace - math.ceil(time.monotonic() - started)
     return max(MIN_GRACE_AFTER_PRESTOP, left)

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from tests.e2e.conftest import REPO, busybox, exec_in, pod_manifest
+from tests.e2e.conftest import REPO, busybox, docker, exec_in, pod_manifest
 
 pytestmark = [pytest.mark.docker, pytest.mark.root]
 
@@ -86,34 +86,34 @@ def test_readiness_liveness_startup_and_bad_probes(agent):
         p = agent.pod("startup")
         cs = _cs(p)
         return "running" in cs["state"] and p
-    p = agent.wait_for("startup pod running", running_unstarted, timeout=60)
+    p = agent.wait_for("startup pod running", running_unstarted, timeout=90)
     cs = _cs(p)
     assert cs["started"] is False and cs["ready"] is False
     started = agent.wait_for("startup probe passes",
-                             lambda: (p := agent.pod("startup")) and _cs(p)["started"] and p, timeout=30)
-    agent.wait_for("startup pod ready after start", lambda: _cs(agent.pod("startup"))["ready"], timeout=15)
+                             lambda: (p := agent.pod("startup")) and _cs(p)["started"] and p, timeout=90)
+    agent.wait_for("startup pod ready after start", lambda: _cs(agent.pod("startup"))["ready"], timeout=45)
     assert _cs(started)["restartCount"] == 0
 
     # --- readiness flips Ready and the Service's endpoints both ways ----------------
     p = agent.wait_phase("web", "Running")
     ip = p["status"]["podIP"]
     assert _conditions(p)["Ready"] == "False" and _cs(p)["ready"] is False
-    agent.wait_for("unready endpoint listed", lambda: _endpoint(agent, ip), timeout=10)
+    agent.wait_for("unready endpoint listed", lambda: _endpoint(agent, ip), timeout=30)
     assert not _ready_endpoint(agent, ip)
     cid = agent.container_of("web", "httpd")["Id"]
     assert exec_in(cid, "touch", "/www/ready.html").returncode == 0
-    agent.wait_for("web ready", lambda: _conditions(agent.pod("web"))["Ready"] == "True", timeout=15)
+    agent.wait_for("web ready", lambda: _conditions(agent.pod("web"))["Ready"] == "True", timeout=45)
     p = agent.pod("web")
     assert _conditions(p)["ContainersReady"] == "True" and _cs(p)["ready"] is True
-    agent.wait_for("endpoint ready", lambda: _ready_endpoint(agent, ip), timeout=10)
+    agent.wait_for("endpoint ready", lambda: _ready_endpoint(agent, ip), timeout=30)
     assert exec_in(cid, "rm", "/www/ready.html").returncode == 0
-    agent.wait_for("web unready", lambda: _conditions(agent.pod("web"))["Ready"] == "False", timeout=15)
-    agent.wait_for("endpoint not ready", lambda: not _ready_endpoint(agent, ip), timeout=10)
+    agent.wait_for("web unready", lambda: _conditions(agent.pod("web"))["Ready"] == "False", timeout=45)
+    agent.wait_for("endpoint not ready", lambda: not _ready_endpoint(agent, ip), timeout=30)
     assert _cs(agent.pod("web"))["restartCount"] == 0  # readiness never restarts
 
     # --- liveness restarts through the restart policy ------------------------------
     p = agent.wait_for("liveness restart", lambda: (p := agent.pod("live")) and
-                       _cs(p)["restartCount"] >= 1 and "running" in _cs(p)["state"] and p, timeout=40)
+                       _cs(p)["restartCount"] >= 1 and "running" in _cs(p)["state"] and p, timeout=90)
     assert _cs(p)["lastState"]["terminated"]["exitCode"] in (137, 143)
     records = agent.log_records()
     unhealthy = [i for i, r in enumerate(records) if r.get("reason") == "Unhealthy"
@@ -133,7 +133,7 @@ def test_readiness_liveness_startup_and_bad_probes(agent):
     agent.kill9()
     agent.start()
     p = agent.wait_for("startup pod started and ready again", lambda: (p := agent.pod("startup")) and
-                       _cs(p)["started"] and _cs(p)["ready"] and p, timeout=30)
+                       _cs(p)["started"] and _cs(p)["ready"] and p, timeout=90)
     assert _cs(p)["restartCount"] == 0 and agent.container_of("startup", "app")["Id"] == before
 
 
@@ -169,14 +169,20 @@ def test_lifecycle_hooks_order(agent, tmp_path):
     badstop = pod_manifest("badstop", [busybox(
         "app", "trap 'exit 0' TERM; while true; do sleep 0.2; done",
         lifecycle={"preStop": {"exec": {"command": ["/no/such/prestop"]}}})])
+    orphan = pod_manifest("orphan", [busybox(
+        "app", "trap 'echo term >> /shared/orphan.log; exit 0' TERM; while true; do sleep 0.2; done",
+        volumeMounts=mounts,
+        lifecycle={"preStop": {"exec": {"command": ["sh", "-c", "echo prestop >> /shared/orphan.log"]}}})],
+        volumes=volumes, terminationGracePeriodSeconds=10)
     agent.write("hooked.yaml", hooked)
+    agent.write("orphan.yaml", orphan)
     agent.write("broken.yaml", broken)
     agent.write("livehook.yaml", livehook)
     agent.write("badstop.yaml", badstop)
 
     # Never seen started without the postStart marker.
     seen_started = False
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         p = agent.pod("hooked")
         cs = (p or {}).get("status", {}).get("containerStatuses") or [{}]
@@ -188,21 +194,31 @@ def test_lifecycle_hooks_order(agent, tmp_path):
     assert seen_started
 
     p = agent.wait_for("failed postStart restarts the container",
-                       lambda: (p := agent.pod("broken")) and _cs(p)["restartCount"] >= 1 and p, timeout=40)
+                       lambda: (p := agent.pod("broken")) and _cs(p)["restartCount"] >= 1 and p, timeout=90)
     failed = [r for r in _events(agent, "FailedPostStartHook") if "broken-" in r["pod"]]
     assert failed and "/no/such/hook" in failed[0]["message"]
 
-    agent.wait_for("liveness kill", lambda: _cs(agent.pod("livehook"))["restartCount"] >= 1, timeout=40)
+    agent.wait_for("liveness kill", lambda: _cs(agent.pod("livehook"))["restartCount"] >= 1, timeout=90)
     assert (shared / "live.log").read_text().split()[:2] == ["prestop", "term"]
 
     agent.wait_phase("badstop", "Running")
     agent.remove("hooked.yaml")
     agent.remove("badstop.yaml")
-    agent.wait_for("hooked pod gone", lambda: agent.pod("hooked") is None, timeout=30)
+    agent.wait_for("hooked pod gone", lambda: agent.pod("hooked") is None, timeout=90)
     assert (shared / "log").read_text().split() == ["prestop", "term"]
-    agent.wait_for("badstop pod gone", lambda: agent.pod("badstop") is None, timeout=30)
+    agent.wait_for("badstop pod gone", lambda: agent.pod("badstop") is None, timeout=90)
     failed = [r for r in _events(agent, "FailedPreStopHook") if "badstop-" in r["pod"]]
     assert failed and "/no/such/prestop" in failed[0]["message"]
+
+    # A pod whose manifest vanished while the agent was down still gets its preStop
+    # hook (kept in the container's labels, as kubelet does).
+    agent.wait_phase("orphan", "Running")
+    agent.kill9()
+    agent.remove("orphan.yaml")
+    agent.start()
+    agent.wait_for("orphaned pod torn down", lambda: not docker(
+        "ps", "-q", "--filter", f"label=io.kubernetes.pod.name=orphan-{agent.node_name}").split(), timeout=90)
+    assert (shared / "orphan.log").read_text().split() == ["prestop", "term"]
 
 
 GRPC_SERVER = r"""
@@ -248,10 +264,10 @@ def test_grpc_probe_against_server_in_pod_netns(agent, tmp_path):
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert server.stdout.readline().strip() == "serving"
-        agent.wait_for("grpc SERVING -> ready", lambda: _cs(agent.pod("grpc"))["ready"], timeout=15)
+        agent.wait_for("grpc SERVING -> ready", lambda: _cs(agent.pod("grpc"))["ready"], timeout=45)
         server.stdin.write("2\n")  # NOT_SERVING
         server.stdin.flush()
-        agent.wait_for("NOT_SERVING -> unready", lambda: not _cs(agent.pod("grpc"))["ready"], timeout=15)
+        agent.wait_for("NOT_SERVING -> unready", lambda: not _cs(agent.pod("grpc"))["ready"], timeout=45)
         msgs = [r["message"] for r in _events(agent, "Unhealthy") if "grpc-" in r["pod"]]
         assert any("NOT_SERVING" in m for m in msgs), msgs[:3]
     finally:
