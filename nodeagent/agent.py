@@ -27,6 +27,7 @@ from nodeagent.standalone.manifests import ManifestSnapshot, ManifestSource
 from nodeagent.kubelet.pleg import PLEG
 from nodeagent.kubelet.hostports import HostPortFeed
 from nodeagent.kubelet.podworkers import PodWorkers
+from nodeagent.prober import HookRunner, ProbeManager
 from netplugin.proxy import ServiceProxy, StandaloneServices
 from nodeagent.server.status import StatusServer
 from nodeagent.standalone.services import StandaloneServiceFeed
@@ -131,6 +132,9 @@ class Agent:
             pod_cidr=settings.pod_cidr,
             state_dir=root / "ipam",
         )
+        # Probes and lifecycle hooks; a changed probe result re-syncs its pod.
+        self.prober = ProbeManager(self.runtime, events=self.cluster.events if self.cluster else None,
+                                   on_change=lambda uid: self.workers.kick(uid))
         self.volumes = VolumeManager(root, sources=self.cluster.env_sources if self.cluster else None)
         self.kubelet = Kubelet(
             node_name=settings.node_name,
@@ -159,6 +163,8 @@ class Agent:
             ),
             dns=DNSSettings(cluster_dns=tuple(settings.cluster_dns), cluster_domain=settings.cluster_domain,
                             resolv_conf=settings.resolv_conf),
+            prober=self.prober,
+            hooks=HookRunner(self.runtime, self.prober.http),
         )
         self.workers = PodWorkers(self.cluster.attach(self.kubelet) if self.cluster else self.kubelet)
         if self.cluster is not None:
@@ -445,6 +451,7 @@ class Agent:
                 tg.create_task(self.image_gc.run(), name="image-gc")
                 tg.create_task(self.workers.run(), name="pod-workers")
                 tg.create_task(self.pleg.run(), name="pleg")
+                tg.create_task(self.prober.run(), name="prober")
                 tg.create_task(self._housekeeping(), name="housekeeping")
                 tg.create_task(self.stats.run(), name="stats-sampler")
                 if self.manifests is not None:

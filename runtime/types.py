@@ -262,6 +262,10 @@ class RuntimeService(Protocol):
 
     async def container_status(self, container_id: str) -> ContainerStatus: ...
 
+    async def exec_sync(self, container_id: str, cmd: list[str], timeout: float) -> tuple[int, bytes]:
+        """Run ``cmd`` in the running container: (exit code, output); RuntimeTimeout past
+        ``timeout``, NotFound when the container is not running (CRI's ExecSync)."""
+
     def events(self) -> AsyncIterator[RuntimeEvent]:
         """Container lifecycle events for containers this shim created."""
         ...

@@ -52,6 +52,7 @@ _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-
 _QUALIFIED_NAME_PART = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+_HTTP_HEADER_NAME = re.compile(r"^[-!#$%&'*+.^_`|~0-9A-Za-z]+$")
 _IANA_SVC_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 _SUBSCRIPTED_FIELD = re.compile(r"^metadata\.(labels|annotations)\['(.*)'\]$")
 
@@ -334,6 +335,8 @@ class _PodContext:
                     self.container_names.add(c["name"])
         self.host_network = spec.get("hostNetwork") is True
         self.host_ports: dict[tuple[int, str, str], str] = {}
+        grace = spec.get("terminationGracePeriodSeconds", 30)
+        self.grace_period: int | None = grace if _is_int(grace) else None
 
 
 def _validate_spec(v: _Collector, spec: dict) -> None:
@@ -693,7 +696,7 @@ def _validate_container(v: _Collector, path: str, c: dict, ctx: _PodContext, *, 
         if init and not sidecar:
             v.add(f"{path}.{probe_name}", "may not be set for init containers (only for sidecars)")
             continue
-        _validate_probe(v, f"{path}.{probe_name}", probe, single_success=probe_name != "readinessProbe")
+        _validate_probe(v, f"{path}.{probe_name}", probe, readiness=probe_name == "readinessProbe")
     lifecycle = v.mapping(f"{path}.lifecycle", c.get("lifecycle"))
     if lifecycle is not None:
         if init and not sidecar:
@@ -701,8 +704,7 @@ def _validate_container(v: _Collector, path: str, c: dict, ctx: _PodContext, *, 
         else:
             for hook in ("postStart", "preStop"):
                 if lifecycle.get(hook) is not None:
-                    _validate_handler(v, f"{path}.lifecycle.{hook}", lifecycle[hook],
-                                      ("exec", "httpGet", "tcpSocket", "sleep"))
+                    _validate_lifecycle_handler(v, f"{path}.lifecycle.{hook}", lifecycle[hook], ctx)
             v.string(f"{path}.lifecycle.stopSignal", lifecycle.get("stopSignal"))
 
     sc = v.mapping(f"{path}.securityContext", c.get("securityContext"))
@@ -954,12 +956,26 @@ def _validate_handler(v: _Collector, path: str, value: object, kinds: tuple[str,
         _validate_port_ref(v, f"{path}.httpGet.port", body.get("port"))
         v.choice(f"{path}.httpGet.scheme", body.get("scheme"), ("HTTP", "HTTPS"))
         v.string(f"{path}.httpGet.path", body.get("path"))
+        v.string(f"{path}.httpGet.host", body.get("host"))
+        headers = v.sequence(f"{path}.httpGet.httpHeaders", body.get("httpHeaders"))
+        for j, header in enumerate(headers or []):
+            hpath = f"{path}.httpGet.httpHeaders[{j}]"
+            if not isinstance(header, dict):
+                v.add(hpath, f"a header must be a mapping with name and value, got {_show(header)}")
+                continue
+            name = header.get("name")
+            if not isinstance(name, str) or not _HTTP_HEADER_NAME.match(name):
+                v.add(f"{hpath}.name", f"invalid HTTP header name {_show(name)}: must be a token "
+                      "(letters, digits and !#$%&'*+-.^_`|~)")
+            v.string(f"{hpath}.value", header.get("value"))
     elif kind == "tcpSocket":
         _validate_port_ref(v, f"{path}.tcpSocket.port", body.get("port"))
+        v.string(f"{path}.tcpSocket.host", body.get("host"))
     elif kind == "grpc":
         port = body.get("port")
         if not _is_int(port) or not 1 <= port <= 65535:
             v.add(f"{path}.grpc.port", f"invalid port {_show(port)}: must be between 1 and 65535")
+        v.string(f"{path}.grpc.service", body.get("service"))
     elif kind == "sleep":
         seconds = body.get("seconds")
         if seconds is None:
@@ -967,17 +983,42 @@ def _validate_handler(v: _Collector, path: str, value: object, kinds: tuple[str,
         v.integer(f"{path}.sleep.seconds", seconds, minimum=0)
 
 
-def _validate_probe(v: _Collector, path: str, value: object, *, single_success: bool) -> None:
+def _validate_probe(v: _Collector, path: str, value: object, *, readiness: bool) -> None:
+    """The API server's rules; defaulting has already turned 0 into the defaults
+    (timeoutSeconds 1, periodSeconds 10, successThreshold 1, failureThreshold 3)."""
     probe = v.mapping(path, value)
     if probe is None:
         return
     _validate_handler(v, path, probe, ("exec", "httpGet", "tcpSocket", "grpc"))
-    for field in ("initialDelaySeconds", "timeoutSeconds", "periodSeconds", "successThreshold", "failureThreshold"):
-        v.integer(f"{path}.{field}", probe.get(field), minimum=0)
-    v.integer(f"{path}.terminationGracePeriodSeconds", probe.get("terminationGracePeriodSeconds"), minimum=1)
+    v.integer(f"{path}.initialDelaySeconds", probe.get("initialDelaySeconds"), minimum=0)
+    for field in ("timeoutSeconds", "periodSeconds", "successThreshold", "failureThreshold"):
+        v.integer(f"{path}.{field}", probe.get(field), minimum=1)
+    grace = probe.get("terminationGracePeriodSeconds")
+    if readiness and grace is not None:
+        v.add(f"{path}.terminationGracePeriodSeconds", "must not be set for readinessProbes")
+    else:
+        v.integer(f"{path}.terminationGracePeriodSeconds", grace, minimum=1)
     success = probe.get("successThreshold")
-    if single_success and _is_int(success) and success != 1:
+    if not readiness and _is_int(success) and success != 1:
         v.add(f"{path}.successThreshold", f"invalid value {success!r}: must be 1 for liveness and startup probes")
+
+
+def _validate_lifecycle_handler(v: _Collector, path: str, value: object, ctx: "_PodContext") -> None:
+    handler = v.mapping(path, value)
+    if handler is None:
+        return
+    if handler.get("tcpSocket") is not None:
+        # The API server still accepts it, but kubelet does not run it (the hook
+        # would fail on every start): refuse it rather than accept and ignore.
+        v.add(f"{path}.tcpSocket", "not supported as a lifecycle handler (kubelet does not run "
+              "tcpSocket hooks): use exec, httpGet or sleep")
+        return
+    _validate_handler(v, path, handler, ("exec", "httpGet", "sleep"))
+    sleep = handler.get("sleep")
+    grace = ctx.grace_period
+    if isinstance(sleep, dict) and _is_int(sleep.get("seconds")) and grace is not None and sleep["seconds"] > grace:
+        v.add(f"{path}.sleep.seconds", f"invalid value {sleep['seconds']!r}: must be less than or equal to "
+              f"terminationGracePeriodSeconds ({grace})")
 
 
 # --- defaulting --------------------------------------------------------------------
@@ -1032,10 +1073,11 @@ def _default_container(c: dict, host_network: bool) -> None:
     for name in ("livenessProbe", "readinessProbe", "startupProbe"):
         probe = c.get(name)
         if isinstance(probe, dict):
-            probe.setdefault("timeoutSeconds", 1)
-            probe.setdefault("periodSeconds", 10)
-            probe.setdefault("successThreshold", 1)
-            probe.setdefault("failureThreshold", 3)
+            # Like the API server: unset or 0 means the default.
+            for field, default in (("timeoutSeconds", 1), ("periodSeconds", 10),
+                                   ("successThreshold", 1), ("failureThreshold", 3)):
+                if probe.get(field) in (None, 0):
+                    probe[field] = default
             _default_http_get(probe)
     lifecycle = c.get("lifecycle")
     if isinstance(lifecycle, dict):

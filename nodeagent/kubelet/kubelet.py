@@ -13,7 +13,7 @@ import calendar
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import structlog
 
@@ -35,6 +35,7 @@ from nodeagent.kubelet.logs import (
     TerminationMessages,
     prepare_termination_message_file,
 )
+from nodeagent.prober.kubelet import hook_labels, post_start, pre_stop, probe_inputs, probe_results
 from runtime.types import (
     ContainerStatus,
     ContainerState,
@@ -54,6 +55,9 @@ from runtime.types import (
     SandboxState,
     SandboxStatus,
 )
+
+if TYPE_CHECKING:
+    from nodeagent.prober import HookRunner, ProbeManager
 
 log = structlog.get_logger(__name__)
 
@@ -153,6 +157,8 @@ class Kubelet:
         service_env: ServiceEnv | None = None,
         security: pod_security.SecurityPolicy | None = None,
         dns: pod_dns.DNSSettings | None = None,
+        prober: "ProbeManager | None" = None,
+        hooks: "HookRunner | None" = None,
     ) -> None:
         self.node_name = node_name
         self.runtime = runtime
@@ -183,6 +189,9 @@ class Kubelet:
         self.dns = dns or pod_dns.DNSSettings()
         self.termination_messages = TerminationMessages(runtime)
         self._dns_warned: set[str] = set()
+        # Probes and lifecycle hooks (nodeagent/prober); None runs neither.
+        self.prober = prober
+        self.hooks = hooks
 
     # --- desired state -------------------------------------------------------------
 
@@ -200,6 +209,8 @@ class Kubelet:
             record.readd = (pod, rejected)
         else:
             record.pod, record.rejected, record.readd = pod, rejected, None
+        if self.prober is not None and not rejected and self.pods[uid].readd is None:
+            self.prober.add_pod(pod)
 
     def evict(self, uid: str, message: str) -> bool:
         """Mark a pod evicted (node pressure); its worker's next sync carries it out."""
@@ -228,6 +239,8 @@ class Kubelet:
     def forget(self, uid: str) -> None:
         if self.pods.pop(uid, None) is not None and self._on_forget is not None:
             self._on_forget(uid)
+        if self.prober is not None:
+            self.prober.remove_pod(uid)
         self._forget_runtime_memory(uid)
 
     def forget_pod(self, uid: str, *, readded: bool) -> None:
@@ -241,6 +254,10 @@ class Kubelet:
             if record.readd is not None:
                 (record.pod, record.rejected), record.readd = record.readd, None
             record.status = {}
+            if self.prober is not None:
+                self.prober.remove_pod(uid)
+                if not record.rejected:
+                    self.prober.add_pod(record.pod)
         self._forget_runtime_memory(uid)
 
     def _forget_runtime_memory(self, uid: str) -> None:
@@ -272,7 +289,8 @@ class Kubelet:
         now = _now()
         terminating = pod["metadata"].get("deletionTimestamp") is not None
         actions = compute_pod_actions(
-            pod, sandboxes, containers, self.backoff, now, terminating=terminating
+            pod, sandboxes, containers, self.backoff, now, terminating=terminating,
+            **probe_inputs(self.prober, uid, containers),
         )
         waiting: dict[str, tuple[str, str]] = dict(actions.waiting)
         for name, (reason, message) in actions.waiting.items():
@@ -306,7 +324,8 @@ class Kubelet:
         for kill in actions.to_kill:
             log.info("killing container", pod=_fmt(pod), container=kill.name, reason=kill.reason)
             self.events.event(pod, NORMAL, "Killing", f"Stopping container {kill.name}: {kill.message}")
-            await self._stop_container(kill.container_id, _grace_period(pod, containers))
+            grace = kill.grace if kill.grace is not None else _grace_period(pod, containers)
+            await self._stop_container(kill.container_id, grace, pod, kill.name)
         for container_id in actions.to_remove:
             try:
                 await self.runtime.remove_container(container_id)
@@ -538,6 +557,7 @@ class Kubelet:
             self.events.event(pod, WARNING, "Failed", f"Error: {exc}", field_path=path)
             return exc.reason, str(exc), 10.0
         config.labels[GRACE_PERIOD_LABEL] = str(pod["spec"].get("terminationGracePeriodSeconds", 30))
+        config.labels.update(hook_labels(container))
         try:
             log.info("starting container", pod=_fmt(pod), container=start.name,
                      kind=start.kind, attempt=start.attempt)
@@ -545,6 +565,8 @@ class Kubelet:
             self.events.event(pod, NORMAL, "Created", f"Created container {start.name}", field_path=path)
             await self.runtime.start_container(container_id)
             self.events.event(pod, NORMAL, "Started", f"Started container {start.name}", field_path=path)
+            if self.hooks is not None and await post_start(self, pod, container, container_id, pod_ip, path):
+                return "", "", None  # killed: its exit takes the restart-policy path
         except (CreateContainerError, RuntimeTimeout) as exc:
             log.warning("container failed to start", pod=_fmt(pod), container=start.name, error=str(exc))
             self.events.event(pod, WARNING, "Failed", f"Error: {exc}", field_path=path)
@@ -682,7 +704,7 @@ class Kubelet:
                 # Each group gets what is left of the pod's grace period, like kubelet:
                 # sidecars stop only after the app containers are gone.
                 remaining = max(0, int(deadline - time.monotonic() + 0.999))
-                await asyncio.gather(*(self._stop_container(c.id, remaining) for c in group))
+                await asyncio.gather(*(self._stop_container(c.id, remaining, pod, c.name, c) for c in group))
         for s in sandboxes:
             if s.state == SandboxState.READY:
                 try:
@@ -697,7 +719,12 @@ class Kubelet:
             except TimeoutError:
                 raise NetworkError(f"pod network teardown did not finish within {NETWORK_DEADLINE:.0f}s") from None
 
-    async def _stop_container(self, container_id: str, grace: int) -> None:
+    async def _stop_container(
+        self, container_id: str, grace: int, pod: dict | None = None, name: str | None = None,
+        status: ContainerStatus | None = None,
+    ) -> None:
+        if self.hooks is not None and name is not None:
+            grace = await pre_stop(self, pod, name, container_id, grace, status)
         try:
             await self.runtime.stop_container(container_id, grace)
         except NotFound:
@@ -722,8 +749,11 @@ class Kubelet:
             pod, sandboxes, containers,
             waiting=waiting, pod_ips=pod_ips, host_ips=[self.host_ip],
             previous=previous or None, now=_now(), start_time=self._start_times.get(uid),
+            **probe_results(self.prober, uid, containers),
         )
         self._set_status(uid, status)
+        if self.prober is not None:
+            self.prober.on_status(uid, pod, status)
 
     def _set_status(self, uid: str, status: dict) -> None:
         record = self.pods.get(uid)

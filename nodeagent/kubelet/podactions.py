@@ -25,7 +25,7 @@ native sidecars), with these project choices:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from nodeagent.backoff import Backoff
 from nodeagent.kubelet.hashing import container_hash
@@ -51,6 +51,9 @@ class KillAction:
     name: str
     reason: str
     message: str
+    # Seconds to stop within instead of the pod's grace period (a liveness/startup
+    # probe's terminationGracePeriodSeconds).
+    grace: int | None = None
 
 
 @dataclass
@@ -180,8 +183,15 @@ class _Planner:
         containers: list[ContainerStatus],
         backoff: Backoff,
         now: float,
+        probe_kills: Mapping[str, tuple[str, int | None]] | None = None,
+        started: Mapping[str, bool] | None = None,
     ) -> None:
         self.pod = pod
+        # Running instances (runtime id) that failed a liveness or startup probe:
+        # id -> (probe kind "liveness"/"startup", grace override); from the prober.
+        self.probe_kills = probe_kills or {}
+        # Startup-probe verdicts by container name (absent: no startup probe).
+        self.started = started or {}
         self.uid = pod["metadata"]["uid"]
         spec = pod["spec"]
         self.policy = spec.get("restartPolicy", "Always")
@@ -208,11 +218,24 @@ class _Planner:
             return c
         return None
 
-    def kill(self, c: ContainerStatus, reason: str, message: str) -> None:
+    def kill(self, c: ContainerStatus, reason: str, message: str, grace: int | None = None) -> None:
         if c.id in self._killed_ids:
             return
         self._killed_ids.add(c.id)
-        self.actions.to_kill.append(KillAction(c.id, c.name, reason, message))
+        self.actions.to_kill.append(KillAction(c.id, c.name, reason, message, grace))
+
+    def kill_if_probe_failed(self, c: ContainerStatus) -> bool:
+        """kubelet: a running instance that failed its liveness or startup probe is
+        killed; its exit then takes the normal restart-policy and back-off path."""
+        failed = self.probe_kills.get(c.id)
+        if failed is None:
+            return False
+        kind, grace = failed
+        message = f"Container {c.name} failed {kind} probe"
+        if self.policy != "Never":
+            message += ", will be restarted"
+        self.kill(c, f"{kind.capitalize()}Probe", message, grace)
+        return True
 
     def remove(self, container_id: str) -> None:
         if container_id in self._removed_ids:
@@ -403,8 +426,12 @@ class _Planner:
                 self.start(i, spec, kind, c)  # the leftover itself is removed by the GC
             elif c.state == ContainerState.RUNNING:
                 if sidecar:
-                    # Started (no startup probes yet): the next init container may run.
-                    if i == last:
+                    self.kill_if_probe_failed(c)
+                    # Started (its startup probe passed, if it has one): the next init
+                    # container may run.
+                    if not self.started.get(spec["name"], True):
+                        pass
+                    elif i == last:
                         initialized = True
                     elif not previously_initialized:
                         self.start_next_init(i + 1, sandbox_id)
@@ -467,6 +494,9 @@ class _Planner:
                 self.start(1000 + index, spec, KIND_APP, c)
                 will_start += 1
                 continue
+            # Killed for a failed probe it still counts as running: its exit is
+            # handled by the next sync like any other.
+            self.kill_if_probe_failed(c)
             keep += 1
         if keep == 0 and will_start == 0:
             # Every app container is terminal and stays so: stop the sidecars too and
@@ -488,9 +518,13 @@ def compute_pod_actions(
     now: float,
     *,
     terminating: bool = False,
+    probe_kills: Mapping[str, tuple[str, int | None]] | None = None,
+    started: Mapping[str, bool] | None = None,
 ) -> PodActions:
-    """Decide what one sync of ``pod`` must do, given what the runtime holds for it."""
-    plan = _Planner(pod, list(sandboxes), list(containers), backoff, now)
+    """Decide what one sync of ``pod`` must do, given what the runtime holds for it.
+
+    ``probe_kills`` and ``started`` come from the prober (see ``_Planner``)."""
+    plan = _Planner(pod, list(sandboxes), list(containers), backoff, now, probe_kills, started)
     if terminating:
         plan.actions.kill_pod = True
         return plan.finalize()

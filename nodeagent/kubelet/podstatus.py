@@ -164,6 +164,7 @@ class _StatusBuilder:
         waiting: Mapping[str, tuple[str, str]],
         previous: dict | None,
         readiness: Mapping[str, bool] | None,
+        startup: Mapping[str, bool] | None = None,
     ) -> None:
         self.pod = pod
         spec = pod.get("spec") or {}
@@ -173,6 +174,7 @@ class _StatusBuilder:
         self.instances = group_by_name(containers)
         self.waiting = waiting
         self.readiness = readiness
+        self.startup = startup
         self.default_reason = "PodInitializing" if self.inits else "ContainerCreating"
         self.deleting = (pod.get("metadata") or {}).get("deletionTimestamp") is not None
         self.previous: dict[str, dict] = {}
@@ -232,7 +234,10 @@ class _StatusBuilder:
             state = _waiting(reason[0], reason[1])
 
         running = "running" in state
-        started = running and not spec.get("startupProbe")
+        # With a startup probe a container counts as started once the probe passed.
+        started = running and (
+            bool(self.startup and self.startup.get(name)) if spec.get("startupProbe") else True
+        )
         if kind == "init":
             ready = "terminated" in state and state["terminated"].get("exitCode") == 0
         elif not started:
@@ -482,17 +487,19 @@ def generate_pod_status(
     start_time: float | None,
     readiness: Mapping[str, bool] | None = None,
     pod_is_terminal: bool = False,
+    startup: Mapping[str, bool] | None = None,
 ) -> dict:
     """The pod's core/v1 PodStatus as a JSON-ready dict.
 
     ``waiting`` names containers that will be (re)started but are not running yet, with
     the reason and message to show (CrashLoopBackOff, ErrImagePull ...). ``previous``
     is the last status this node generated (keeps lastTransitionTime, startTime and a
-    terminal phase). ``readiness`` holds readiness probe results by container name.
+    terminal phase). ``readiness`` holds readiness probe results by container name,
+    ``startup`` startup probe results (the prober's ``container_results``).
     ``pod_is_terminal`` says the pod will run nothing again (deleted and stopped): its
     phase is then Succeeded or Failed even under restartPolicy Always.
     """
-    builder = _StatusBuilder(pod, list(containers), waiting, previous, readiness)
+    builder = _StatusBuilder(pod, list(containers), waiting, previous, readiness, startup)
     init_statuses = [
         builder.container_status(c, "sidecar" if is_sidecar(c) else "init") for c in builder.inits
     ]
