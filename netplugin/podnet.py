@@ -108,6 +108,9 @@ class BridgeNetwork:
         self._bridge_lock = asyncio.Lock()
         self._ipam_lock = asyncio.Lock()
         self._pod_locks: dict[str, _KeyedLock] = {}
+        # Pods whose setup or teardown is past the repair gate: their eth0 may be
+        # between two addresses, so a repair leaves them to their own operation.
+        self._in_flight: set[str] = set()
         self._next_port_scan = 0.0  # monotonic time of the next full port scan in GC
 
     # ------------------------------------------------------------------ lifecycle
@@ -166,6 +169,7 @@ class BridgeNetwork:
                 raise NetworkError(f"pod {pod_uid}: netns_path {netns_path!r} does not exist") from exc
             try:
                 await self._ensure_consistent(caller=pod_uid)
+                self._in_flight.add(pod_uid)
                 address = await self._allocate(pod_uid)
                 bridge = await self._current_bridge()
                 pair = await self._ensure_veth_pair(pod_uid, netns, bridge)
@@ -192,6 +196,7 @@ class BridgeNetwork:
             except (NetlinkError, LookupError) as exc:
                 raise NetworkError(f"pod {pod_uid}: network setup in {netns_path} failed: {exc}") from exc
             finally:
+                self._in_flight.discard(pod_uid)
                 await netns.close()
         log.info(
             "pod network ready",
@@ -206,10 +211,14 @@ class BridgeNetwork:
     async def teardown_pod(self, pod_uid: str, netns_path: str | None) -> None:
         _check_pod_uid(pod_uid)
         async with self._pod_lock(pod_uid):
-            if netns_path:
-                await self._delete_pod_eth0(pod_uid, netns_path)
-            deleted = await delete_link(self._host(), ifname=host_veth_name(self.bridge_name, pod_uid))
-            released = await self._release(pod_uid)
+            self._in_flight.add(pod_uid)
+            try:
+                if netns_path:
+                    await self._delete_pod_eth0(pod_uid, netns_path)
+                deleted = await delete_link(self._host(), ifname=host_veth_name(self.bridge_name, pod_uid))
+                released = await self._release(pod_uid)
+            finally:
+                self._in_flight.discard(pod_uid)
         if deleted or released:
             log.info("pod network removed", pod_uid=pod_uid, ip=str(released) if released else None)
 
@@ -273,7 +282,8 @@ class BridgeNetwork:
             raise NetworkError(f"cannot check the IPAM store against the runtime's sandboxes: {exc}") from exc
         # Pods with an operation in flight (other than the caller's) are left out:
         # their eth0 may be between two addresses, and their own operation settles it.
-        busy = {uid for uid, entry in self._pod_locks.items() if entry.users and uid != caller}
+        # Pods merely waiting at the gate have changed nothing yet and are included.
+        busy = self._in_flight - {caller}
         wanted = [s for s in sandboxes if s.pod_uid not in busy]
         slots = asyncio.Semaphore(_NETNS_READ_CONCURRENCY)
         unreadable: list[str] = []

@@ -13,7 +13,9 @@ import structlog
 from netplugin.podnet import BridgeNetwork
 from nodeagent.backoff import Backoff
 from nodeagent.config import Settings
+from nodeagent.kubelet.gc import collect_dead_sandboxes
 from nodeagent.kubelet.kubelet import Kubelet
+from nodeagent.kubelet.netview import sandbox_netns_view
 from nodeagent.standalone.manifests import ManifestSnapshot, ManifestSource
 from nodeagent.kubelet.pleg import PLEG
 from nodeagent.kubelet.podworkers import PodWorkers
@@ -83,6 +85,7 @@ class Agent:
             bridge_name=settings.bridge_name,
             pod_cidr=settings.pod_cidr,
             state_dir=root / "ipam",
+            runtime_view=sandbox_netns_view(self.runtime),
         )
         self.volumes = VolumeManager(root, sources=self.cluster.env_sources if self.cluster else None)
         self.kubelet = Kubelet(
@@ -212,6 +215,7 @@ class Agent:
                 if released:
                     log.info("released addresses of gone pods", pod_uids=released)
                 await self.volumes.cleanup_orphans(live)
+                await collect_dead_sandboxes(self.runtime, self.workers.known)
             except Exception as exc:  # housekeeping must never stop the node
                 log.warning("housekeeping failed", error=str(exc))
 
@@ -270,6 +274,7 @@ class Agent:
                         bridge_name=self.settings.bridge_name,
                         pod_cidr=pod_cidr,
                         state_dir=Path(self.settings.root_dir) / "ipam",
+                        runtime_view=sandbox_netns_view(self.runtime),
                     )
                     self.kubelet.network = self.network
             await self._start_network()
