@@ -56,6 +56,9 @@ from netplugin.types import NetworkError, PodNetworkStatus, RuntimeView
 log = structlog.get_logger(__name__)
 
 PORT_SCAN_PERIOD_S = 60.0
+# After a repair that could not read every sandbox's namespace, the next attempt waits
+# this long, so setups do not each pay a full runtime listing while it persists.
+REPAIR_RETRY_S = 10.0
 _NETNS_READ_CONCURRENCY = 16
 
 
@@ -98,6 +101,7 @@ class BridgeNetwork:
         self.runtime_view = runtime_view
         # False until the store was checked against the runtime's view since start().
         self._reconciled = False
+        self._repair_retry_at = 0.0
         self._ipam: HostLocalIPAM | None = None
         self._ipr: AsyncIPRoute | None = None
         # uid -> address, mirrors the IPAM store (we are its only writer), so that
@@ -267,10 +271,14 @@ class BridgeNetwork:
     async def _ensure_consistent(self, *, caller: str | None) -> None:
         """Repair the store from the runtime's view once per start and after damage."""
         ipam = self._require_started()
-        if self.runtime_view is None or (self._reconciled and not ipam.damaged):
+
+        def settled() -> bool:
+            return self._reconciled and (not ipam.damaged or time.monotonic() < self._repair_retry_at)
+
+        if self.runtime_view is None or settled():
             return
         async with self._ipam_lock:
-            if self._reconciled and not ipam.damaged:
+            if settled():
                 return  # another setup repaired it while this one waited
             await asyncio.shield(self._repair_locked(ipam, caller))
 
@@ -304,6 +312,7 @@ class BridgeNetwork:
         report = await asyncio.to_thread(ipam.repair, in_use, complete=not unreadable)
         self._addresses = await asyncio.to_thread(ipam.allocations)
         self._reconciled = True
+        self._repair_retry_at = time.monotonic() + REPAIR_RETRY_S if unreadable else 0.0
         if any(report.values()) or unreadable:
             log.warning("ipam store repaired from the runtime's view", bridge=self.bridge_name,
                         sandboxes=len(wanted), unreadable_netns=unreadable, **report)
