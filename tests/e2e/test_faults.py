@@ -144,9 +144,10 @@ def test_kill9_while_20_manifests_are_edited_leaves_no_sandboxes_behind(agent):
                     return
                 agent.write(f"{name}.yaml", quick_pod(name, GEN=str(generation)))  # a new uid each time
                 edits += 1
-                # One edit a second: across the kills every manifest changes about
-                # twice, and the agent dies in the middle of replacing pods.
-                time.sleep(1.0)
+                # An edit every 1.5 s: across the kills every manifest changes at
+                # least once and the agent dies in the middle of replacing pods, while
+                # the pods left to clean up stay few enough to converge quickly.
+                time.sleep(1.5)
 
     thread = threading.Thread(target=editor, daemon=True)
     thread.start()
