@@ -2,7 +2,7 @@
 candidate nf_tables layouts for N ClusterIP services x E endpoints.
 
     .venv/bin/python bench/proxy_layouts.py [--services 1000,2000,10000] [--endpoints 10]
-                                            [--layouts all] [--give-up-after 60]
+                                            [--layouts all] [--give-up-after 10]
 
 For every layout and size, in a fresh, empty network namespace (nothing is routed or
 sent anywhere; the namespace is deleted afterwards):
@@ -235,7 +235,7 @@ def main() -> None:
     ap.add_argument("--layouts", default="all")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--changes", type=int, default=20)
-    ap.add_argument("--give-up-after", type=float, default=60.0)
+    ap.add_argument("--give-up-after", type=float, default=10.0)
     args = ap.parse_args()
     sizes = [int(s) for s in args.services.split(",")]
     layouts = list(LAYOUTS) if args.layouts == "all" else args.layouts.split(",")
