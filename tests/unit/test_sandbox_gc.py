@@ -54,3 +54,32 @@ def test_unlabelled_containers_protect_every_sandbox_of_their_pod() -> None:
 def test_newest_is_decided_by_creation_time_then_attempt() -> None:
     boxes = [sandbox("a", "late", 0, created=500.0), sandbox("a", "early", 3, created=200.0)]
     assert ids(dead_sandboxes(boxes, [], {"a"})) == ["early"]
+
+
+async def test_known_pods_are_read_after_the_runtime_was_listed() -> None:
+    # A pod whose worker starts between the listing and the decision must be known by
+    # then, so its brand-new (not yet started) sandbox is never removed as debris.
+    from nodeagent.kubelet.gc import collect_dead_sandboxes
+
+    calls: list[str] = []
+    removed: list[str] = []
+
+    class Runtime:
+        async def list_pod_sandboxes(self):
+            calls.append("sandboxes")
+            return [sandbox("new", "n0", 0), sandbox("gone", "g0", 0)]
+
+        async def list_containers(self):
+            calls.append("containers")
+            return []
+
+        async def remove_pod_sandbox(self, sandbox_id: str) -> None:
+            removed.append(sandbox_id)
+
+    def known() -> set[str]:
+        calls.append("known")
+        return {"new"}
+
+    assert await collect_dead_sandboxes(Runtime(), known) == ["g0"]
+    assert calls == ["sandboxes", "containers", "known"]
+    assert removed == ["g0"]
