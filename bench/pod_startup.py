@@ -1,14 +1,18 @@
 """Pod start latency and idle cost of the standalone agent, against direct Docker calls.
 
-    .venv/bin/python bench/pod_startup.py [--runs 10] [--pods 110] [--idle-seconds 30]
+    .venv/bin/python bench/pod_startup.py [--runs 10] [--pods 110] [--rounds 3] [--idle-seconds 30]
 
 Measures, in one run:
 1. one pod (pause + one container, image present): manifest written -> app container
    running (Docker's `start` event), median over --runs, against the same Docker calls
    (create+start pause, create+start app joined to it) made directly with aiodocker;
 2. --pods pods written at once -> all app containers running, against the same direct
-   sequence for that many pods run concurrently;
-3. the agent's RSS and CPU while idle with those pods running.
+   sequence for that many pods run concurrently. Both start from zero pods of the run
+   on the engine (the previous round's pods are removed first) and use the same
+   aiodocker connection pool (``runtime.engine.make_docker_client``: unbounded, as the
+   agent's); --rounds rounds, agent and direct interleaved, medians reported;
+3. the agent's RSS and CPU while idle with those pods running (after the first agent
+   round, before its pods are removed).
 
 Everything it creates carries a per-run node label and is removed at the end. No
 traffic is sent anywhere.
@@ -37,6 +41,8 @@ import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from runtime.engine import close_docker_client, make_docker_client  # noqa: E402
 IMAGE = "busybox:1.35"
 PAUSE = "nodeagent/pause:1"
 
@@ -148,6 +154,7 @@ async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--pods", type=int, default=110)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--idle-seconds", type=float, default=30)
     args = ap.parse_args()
 
@@ -155,7 +162,8 @@ async def main() -> None:
     node = f"bench-{tag}"
     bridge = f"nab{tag}"
     node_label = f"io.nodeagent.node={node}"
-    docker = aiodocker.Docker()
+    # The agent's own client factory: the same unbounded pool for agent and baseline.
+    docker = make_docker_client()
     workdir = Path(tempfile.mkdtemp(prefix="nodeagent-bench-"))
     (workdir / "m").mkdir()
     port = free_port()
@@ -163,7 +171,8 @@ async def main() -> None:
     proc = subprocess.Popen(agent_cmd(workdir, node, port, bridge), cwd=REPO, stdout=log, stderr=log)
     watcher = Watcher(docker, node)
     await watcher.start()
-    results: dict = {"machine": f"{platform.node()} {os.cpu_count()} cores, kernel {platform.release()}"}
+    results: dict = {"machine": f"{platform.node()} {os.cpu_count()} cores, kernel {platform.release()}",
+                     "load_average_at_start": os.getloadavg()}
     try:
         await asyncio.sleep(2)
         # 1. one pod at a time
@@ -185,33 +194,45 @@ async def main() -> None:
             "agent_all": agent_times, "direct_all": direct_times}
         print(json.dumps(results["one_pod"]), flush=True)
 
-        # 2. a burst of pods
-        names = {f"burst{i}-{node}" for i in range(args.pods)}
-        t0 = time.time()
-        for i in range(args.pods):
-            write_manifest(workdir / "m", f"burst{i}")
-        started = await watcher.wait(names, 600)
-        agent_burst = max(started.values()) - t0
-        # 3. idle cost with the burst running
-        await asyncio.sleep(5)
-        agent_ps = psutil.Process(proc.pid)
-        agent_ps.cpu_percent(None)
-        rss = []
-        t_idle = time.monotonic()
-        while time.monotonic() - t_idle < args.idle_seconds:
-            await asyncio.sleep(1)
-            rss.append(agent_ps.memory_info().rss)
-        cpu = agent_ps.cpu_percent(None)
-        results["idle"] = {"pods": args.pods, "rss_mb_max": max(rss) / 2**20,
-                           "cpu_percent_of_one_core": cpu, "seconds": args.idle_seconds}
-        print(json.dumps(results["idle"]), flush=True)
+        # 2. bursts, agent and direct interleaved, each from zero pods
+        agent_bursts, direct_bursts = [], []
+        for r in range(args.rounds):
+            names = {f"burst{r}-{i}-{node}" for i in range(args.pods)}
+            t0 = time.time()
+            for i in range(args.pods):
+                write_manifest(workdir / "m", f"burst{r}-{i}")
+            started = await watcher.wait(names, 600)
+            agent_bursts.append(max(started.values()) - t0)
+            print(json.dumps({"round": r, "agent_s": agent_bursts[-1]}), flush=True)
+            if r == 0:
+                # 3. idle cost with the burst running
+                await asyncio.sleep(5)
+                agent_ps = psutil.Process(proc.pid)
+                agent_ps.cpu_percent(None)
+                rss = []
+                t_idle = time.monotonic()
+                while time.monotonic() - t_idle < args.idle_seconds:
+                    await asyncio.sleep(1)
+                    rss.append(agent_ps.memory_info().rss)
+                cpu = agent_ps.cpu_percent(None)
+                results["idle"] = {"pods": args.pods, "rss_mb_max": max(rss) / 2**20,
+                                   "cpu_percent_of_one_core": cpu, "seconds": args.idle_seconds}
+                print(json.dumps(results["idle"]), flush=True)
+            for i in range(args.pods):
+                (workdir / "m" / f"burst{r}-{i}.yaml").unlink()
+            await wait_gone(docker, node_label, timeout=600)
 
-        t1 = time.time()
-        direct = await asyncio.gather(*(direct_sequence(docker, tag, 1000 + i) for i in range(args.pods)))
-        direct_burst = time.time() - t1
-        await remove_labelled(docker, f"nodeagent.bench={tag}")
-        results["burst"] = {"pods": args.pods, "agent_s": agent_burst, "direct_s": direct_burst,
-                            "ratio": agent_burst / direct_burst, "direct_slowest_sequence_s": max(direct)}
+            t1 = time.time()
+            await asyncio.gather(*(direct_sequence(docker, tag, 1000 * (r + 1) + i) for i in range(args.pods)))
+            direct_bursts.append(time.time() - t1)
+            print(json.dumps({"round": r, "direct_s": direct_bursts[-1]}), flush=True)
+            await remove_labelled(docker, f"nodeagent.bench={tag}")
+        results["burst"] = {"pods": args.pods, "rounds": args.rounds,
+                            "agent_median_s": statistics.median(agent_bursts),
+                            "direct_median_s": statistics.median(direct_bursts),
+                            "ratio": statistics.median(agent_bursts) / statistics.median(direct_bursts),
+                            "agent_all": agent_bursts, "direct_all": direct_bursts}
+        results["load_average_at_end"] = os.getloadavg()
         print(json.dumps(results["burst"]), flush=True)
     finally:
         await watcher.stop()
@@ -222,7 +243,7 @@ async def main() -> None:
             proc.kill()
         await remove_labelled(docker, node_label)
         await remove_labelled(docker, f"nodeagent.bench={tag}")
-        await docker.close()
+        await close_docker_client(docker)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
         subprocess.run(["sh", "-c", f"grep -F '{workdir}' /proc/mounts | cut -d' ' -f2 | xargs -r -n1 umount -l"])
         shutil.rmtree(workdir, ignore_errors=True)

@@ -10,7 +10,7 @@ import structlog
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from netplugin.links import LinkInfo, get_link, ipv4_addresses, set_up
+from netplugin.links import LinkInfo, get_link, ipv4_addresses, list_links, set_up
 from netplugin.types import NetworkError
 
 log = structlog.get_logger(__name__)
@@ -67,8 +67,11 @@ async def ensure_bridge(
 ) -> LinkInfo:
     """Create or verify the bridge: a bridge, carrying ``gateway/prefix_len``, up.
 
-    A bridge that carries some other IPv4 address is refused rather than re-addressed:
-    it belongs to another pod CIDR whose pods may still be running.
+    A bridge that carries some other IPv4 address (left by an agent that ran with
+    another pod CIDR) is re-addressed only when that is provably safe: it is ours (it
+    has the MAC ``bridge_mac`` gives every bridge this plugin creates) and no port is
+    attached (no pod of the old CIDR can lose its network). Otherwise it is refused,
+    and the error names the ports and the command that removes the bridge.
     """
     bridge = await get_link(ipr, name)
     if bridge is None:
@@ -89,10 +92,7 @@ async def ensure_bridge(
     present = await ipv4_addresses(ipr, bridge.index)
     foreign = [f"{a}/{p}" for a, p in present if (a, p) != wanted]
     if foreign:
-        raise NetworkError(
-            f"bridge {name!r} carries {', '.join(foreign)} but the pod CIDR's gateway is "
-            f"{gateway}/{prefix_len}; delete the bridge (and its pods) before changing the pod CIDR"
-        )
+        await _readdress_or_refuse(ipr, bridge, foreign, gateway, prefix_len)
     if wanted not in present:
         try:
             await ipr.addr("add", index=bridge.index, address=str(gateway), prefixlen=prefix_len)
@@ -101,6 +101,36 @@ async def ensure_bridge(
                 raise NetworkError(f"bridge {name!r}: cannot add {gateway}/{prefix_len}: {exc}") from exc
     await set_up(ipr, bridge)
     return bridge
+
+
+async def _readdress_or_refuse(
+    ipr: AsyncIPRoute, bridge: LinkInfo, foreign: list[str], gateway: IPv4Address, prefix_len: int
+) -> None:
+    name = bridge.name
+    ours = (bridge.mac or "").lower() == bridge_mac(name)
+    ports = sorted(link.name for link in await list_links(ipr) if link.master == bridge.index)
+    if ours and not ports:
+        for cidr in foreign:
+            address, prefix = cidr.split("/")
+            try:
+                await ipr.addr("del", index=bridge.index, address=address, prefixlen=int(prefix))
+            except NetlinkError as exc:
+                if exc.code != errno.EADDRNOTAVAIL:  # someone removed it meanwhile
+                    raise NetworkError(f"bridge {name!r}: cannot remove {cidr}: {exc}") from exc
+        log.warning("pod bridge re-addressed for the new pod CIDR", bridge=name,
+                    removed=foreign, gateway=f"{gateway}/{prefix_len}")
+        return
+    if not ours:
+        why = "it was not created by nodeagent (its MAC is not ours)"
+    else:
+        shown = ", ".join(ports[:5]) + (f" and {len(ports) - 5} more" if len(ports) > 5 else "")
+        why = f"pods of the old CIDR are still attached to it ({shown})"
+    raise NetworkError(
+        f"bridge {name!r} carries {', '.join(foreign)} but the pod CIDR's gateway is "
+        f"{gateway}/{prefix_len}, and it cannot be re-addressed safely: {why}. Fix: stop "
+        f"those pods, then run `nodeagent cleanup --bridge-name {name}` (or choose another "
+        f"bridge-name); the agent retries and creates the bridge anew"
+    )
 
 
 async def attach_host_veth(ipr: AsyncIPRoute, veth: LinkInfo, bridge: LinkInfo) -> None:

@@ -19,6 +19,21 @@ Crash consistency (kill -9 at any instant leaves a valid store):
 * The directory is fsync'd after every allocation or release, once. Leftover temp
   files from a crash are removed when the store is opened.
 
+Damage from outside (a disk error, a hand edit, a restore from an old backup) is healed,
+never fatal, and never lets one address reach two pods:
+
+* A missing, truncated or garbled network marker is rewritten for the configured CIDR,
+  unless address files outside that CIDR prove the store belongs to another one (then
+  the error names the fix). A marker naming another CIDR is re-claimed the same way:
+  the address files, not the marker, say what is in use.
+* An address file that is not exactly one owner line (empty, zero-filled, binary,
+  truncated) keeps its address reserved under ``<unknown:ADDRESS>`` and marks the
+  store ``damaged``; so does an owner named by two files.
+* ``repair`` heals both with the runtime's view (which pod's ``eth0`` carries which
+  address): an address in use is recorded for the pod using it, a damaged or
+  duplicate file whose address no pod uses is removed. Only ``repair`` ever frees an
+  ``<unknown:...>`` address, so without a view nothing is freed on a guess.
+
 Every public method is thread-safe and process-safe (a threading lock plus an flock on
 ``lock``); all of them do blocking file I/O, so async callers use ``asyncio.to_thread``.
 """
@@ -48,6 +63,17 @@ CURSOR_FILE = "last_reserved_ip"
 LOCK_FILE = "lock"
 TEMP_PREFIX = ".tmp-"
 _MAX_OWNER_FILE_BYTES = 4096
+_MAX_MARKER_BYTES = 256
+UNKNOWN_OWNER_PREFIX = "<unknown:"
+
+
+def unknown_owner(ip: IPv4Address | str) -> str:
+    """The placeholder owner of an address whose file is damaged."""
+    return f"{UNKNOWN_OWNER_PREFIX}{ip}>"
+
+
+def is_unknown_owner(owner: str) -> bool:
+    return owner.startswith(UNKNOWN_OWNER_PREFIX)
 
 
 class IPAMError(NetworkError):
@@ -94,6 +120,9 @@ class HostLocalIPAM:
         self._first = int(self.gateway) + 1
         self._last = int(self.network.broadcast_address) - 1
         self._thread_lock = threading.Lock()
+        # Set when a read finds a damaged address file or an owner named twice;
+        # cleared by repair(). The pod network repairs before its next setup.
+        self.damaged = False
         self._open_store()
 
     # ------------------------------------------------------------------ public API
@@ -112,7 +141,7 @@ class HostLocalIPAM:
         _validate_owner(owner)
         with self._locked():
             by_ip = self._read_allocations()
-            for ip, holder in by_ip.items():
+            for ip, holder in sorted(by_ip.items()):
                 if holder == owner:
                     return ip
             for candidate in self._candidates(self._read_cursor()):
@@ -147,7 +176,7 @@ class HostLocalIPAM:
     def address_of(self, owner: str) -> IPv4Address | None:
         """The address currently held by ``owner``, if any."""
         with self._locked():
-            for ip, holder in self._read_allocations().items():
+            for ip, holder in sorted(self._read_allocations().items()):
                 if holder == owner:
                     return ip
             return None
@@ -166,7 +195,63 @@ class HostLocalIPAM:
     def allocations(self) -> dict[str, IPv4Address]:
         """Every owner and its address."""
         with self._locked():
-            return {owner: ip for ip, owner in sorted(self._read_allocations().items())}
+            # Reversed, so that an owner named by two files (damage) maps to its lowest
+            # address, the one allocate() and address_of() return.
+            return {owner: ip for ip, owner in sorted(self._read_allocations().items(), reverse=True)}
+
+    def repair(self, in_use: dict[str, set[IPv4Address]], *, complete: bool = True) -> dict[str, list[str]]:
+        """Make the store agree with what the runtime shows.
+
+        ``in_use`` maps pod uid -> the addresses its running sandboxes' ``eth0``
+        carry right now. The address a pod uses is recorded for it (a missing file is
+        created, a damaged one or one naming another owner is rewritten); a damaged
+        file, or a second file of an owner, whose address no pod uses is removed.
+        Owners that use no address (pods still starting, gone pods) are left to
+        allocation and garbage collection. With ``complete=False`` (some sandbox could
+        not be read, so an address may be in use unseen) nothing is removed and the
+        store stays ``damaged``. Returns what changed, by kind.
+        """
+        for owner in in_use:
+            _validate_owner(owner)
+        report: dict[str, list[str]] = {"recorded": [], "removed": [], "conflicts": []}
+        with self._locked():
+            by_ip = self._read_allocations()
+            users: dict[IPv4Address, list[str]] = {}
+            for owner, addresses in in_use.items():
+                for ip in addresses:
+                    if self._allocatable(IPv4Address(ip)):
+                        users.setdefault(IPv4Address(ip), []).append(owner)
+            for ip, owners in sorted(users.items()):
+                recorded = by_ip.get(ip)
+                if len(owners) > 1:
+                    # Two live pods on one address (the harm this module exists to
+                    # prevent, e.g. after a store was restored from a backup): keep
+                    # the recorded one; the others get a new address at their next
+                    # setup, which replaces the address on their eth0.
+                    keep = recorded if recorded in owners else sorted(owners)[0]
+                    report["conflicts"].append(f"{ip}: {', '.join(sorted(owners))} (kept {keep})")
+                    owners = [keep]
+                owner = owners[0]
+                if recorded != owner:
+                    _atomic_write(self._path_of(ip), f"{owner}\n")
+                    by_ip[ip] = owner
+                    report["recorded"].append(f"{ip}={owner} (was {recorded or 'free'})")
+            using = {owner for ip, owners in users.items() for owner in owners if by_ip.get(ip) == owner}
+            kept: set[str] = set()
+            for ip, owner in sorted(by_ip.items()):
+                if ip in users:
+                    continue
+                if not complete:
+                    continue
+                if is_unknown_owner(owner) or owner in using or owner in kept:
+                    _unlink_missing_ok(self._path_of(ip))
+                    report["removed"].append(f"{ip}={owner}")
+                else:
+                    kept.add(owner)
+            if report["recorded"] or report["removed"]:
+                _fsync_dir(self.state_dir)
+            self.damaged = not complete
+        return report
 
     # --------------------------------------------------------------- store set-up
 
@@ -181,29 +266,30 @@ class HostLocalIPAM:
 
     def _check_or_claim_network(self) -> None:
         marker = self.state_dir / NETWORK_FILE
-        try:
-            recorded = marker.read_text().strip()
-        except FileNotFoundError:
-            recorded = None
-        if recorded is not None:
-            if recorded != str(self.network):
-                raise IPAMConfigError(
-                    f"IPAM state_dir {self.state_dir} belongs to pod CIDR {recorded}, "
-                    f"refusing to use it for pod CIDR {self.network}; release its pods "
-                    "and remove the directory before changing the CIDR"
-                )
+        recorded = _read_marker(marker)
+        if recorded == str(self.network):
             return
-        # No marker: a fresh store, unless someone left foreign address files behind.
+        # No marker (a fresh store), or one that is garbled or names another CIDR.
+        # What is allocated decides: addresses outside our CIDR mean the store
+        # belongs to another pod CIDR whose pods may still run; otherwise every file
+        # is one of ours and the marker is simply (re)written.
         foreign = sorted(
             name
             for name in os.listdir(self.state_dir)
             if (ip := _parse_ip(name)) is not None and not self._allocatable(ip)
         )
         if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise IPAMConfigError(
-                f"IPAM state_dir {self.state_dir} holds addresses outside pod CIDR "
-                f"{self.network} ({', '.join(foreign)}); refusing to mix CIDRs"
+                f"IPAM state_dir {self.state_dir} belongs to pod CIDR "
+                f"{recorded or '(marker unreadable)'} and holds addresses outside pod CIDR "
+                f"{self.network} ({shown}); refusing to mix CIDRs. Fix: remove the pods of "
+                f"the old CIDR, then delete those address files (or the whole directory) "
+                f"before changing the CIDR"
             )
+        if marker.exists():
+            log.warning("ipam.network_marker_repaired", state_dir=str(self.state_dir),
+                        found=recorded or "(unreadable)", pod_cidr=str(self.network))
         _atomic_write(marker, f"{self.network}\n")
         _fsync_dir(self.state_dir)
 
@@ -244,10 +330,11 @@ class HostLocalIPAM:
                     allocations[ip] = owner
         finally:
             os.close(dir_fd)
+        if len(set(allocations.values())) != len(allocations):
+            self.damaged = True  # an owner named by two files
         return allocations
 
-    @staticmethod
-    def _read_owner(path: Path | str, *, dir_fd: int | None = None) -> str | None:
+    def _read_owner(self, path: Path | str, *, dir_fd: int | None = None) -> str | None:
         # Plain fd I/O relative to the directory: this runs for every address on every
         # allocation, and text file objects and path joins cost more than the read.
         try:
@@ -258,13 +345,16 @@ class HostLocalIPAM:
             data = os.read(fd, _MAX_OWNER_FILE_BYTES)
         finally:
             os.close(fd)
-        owner = data.split(b"\n", 1)[0].decode(errors="replace")
-        if not owner:
-            # Cannot come from this module (names appear with full content); keep the
-            # address reserved rather than guess, and say so.
+        owner = _parse_owner(data)
+        if owner is None:
+            # Not written by this module (names appear only with their full content):
+            # keep the address reserved rather than guess, until repair() learns from
+            # the runtime who, if anyone, uses it.
             name = os.path.basename(path)
-            log.warning("ipam.unreadable_allocation", address=name)
-            return f"<unknown:{name}>"
+            if not self.damaged:
+                log.warning("ipam.damaged_allocation", address=name, content=data[:64].hex())
+            self.damaged = True
+            return unknown_owner(name)
         return owner
 
     def _read_cursor(self) -> IPv4Address | None:
@@ -313,6 +403,39 @@ def _validate_owner(owner: str) -> None:
         raise IPAMError(f"IPAM owner must be a non-empty string, got {owner!r}")
     if "\n" in owner or "\0" in owner or len(owner) > 253:
         raise IPAMError(f"IPAM owner {owner!r} must be <= 253 chars without newlines or NULs")
+
+
+def _parse_owner(data: bytes) -> str | None:
+    """The owner in an address file's content, or None when the content is damaged.
+
+    This module writes exactly ``<owner>\\n``; anything else (empty, zero-filled,
+    truncated before the newline, binary) did not come from it.
+    """
+    if not data.endswith(b"\n") or data.count(b"\n") != 1:
+        return None
+    try:
+        owner = data[:-1].decode()
+    except UnicodeDecodeError:
+        return None
+    if not owner or len(owner) > 253 or not owner.isprintable():
+        return None
+    return owner
+
+
+def _read_marker(path: Path) -> str | None:
+    """The CIDR the network marker names, canonical; None if missing or garbled."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_MARKER_BYTES)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("ipam.network_marker_unreadable", path=str(path), error=str(exc))
+        return None
+    try:
+        return str(parse_pod_cidr(data.decode().strip()))
+    except (UnicodeDecodeError, IPAMConfigError):
+        return None
 
 
 @functools.lru_cache(maxsize=8192)  # the same few hundred names, parsed on every scan

@@ -14,6 +14,14 @@ is tied to the pod uid, so a re-run of ``setup_pod`` (same or new netns) gets th
 address; a host veth that is not paired with the given namespace's ``eth0`` is deleted
 and the pair recreated; missing addresses, routes, link states and bridge membership are
 filled in. One ``BridgeNetwork`` at a time may use a given ``state_dir``.
+
+Self-healing: given a ``runtime_view`` (the kubelet side's list of running sandboxes
+and their namespaces), the first setup after a start, and any setup or garbage
+collection after the store reported damage, first repairs the IPAM store from the
+addresses the pods' eth0s actually carry (``HostLocalIPAM.repair``), so a damaged,
+lost or wrong address file never makes one address reach two pods. A bridge left
+carrying another pod CIDR is re-addressed when it is provably ours (our fixed MAC)
+and has no ports; otherwise start() refuses with the exact command that fixes it.
 """
 
 from __future__ import annotations
@@ -39,15 +47,19 @@ from netplugin.bridge import (
     looks_like_host_veth,
     validate_bridge_name,
 )
-from netplugin.ipam import HostLocalIPAM, gateway_of, parse_pod_cidr
-from netplugin.links import LinkInfo, delete_link, get_link, list_links
+from netplugin.ipam import HostLocalIPAM, gateway_of, is_unknown_owner, parse_pod_cidr
+from netplugin.links import LinkInfo, delete_link, get_link, ipv4_addresses, list_links
 from netplugin.nsnetlink import NetnsRoute
 from netplugin.podiface import POD_IFNAME, configure_new_pod_interface, configure_pod_interface
-from netplugin.types import NetworkError, PodNetworkStatus
+from netplugin.types import NetworkError, PodNetworkStatus, RuntimeView
 
 log = structlog.get_logger(__name__)
 
 PORT_SCAN_PERIOD_S = 60.0
+# After a repair that could not read every sandbox's namespace, the next attempt waits
+# this long, so setups do not each pay a full runtime listing while it persists.
+REPAIR_RETRY_S = 10.0
+_NETNS_READ_CONCURRENCY = 16
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,7 @@ class BridgeNetwork:
         state_dir: str | Path,
         *,
         manage_forwarding: bool = True,
+        runtime_view: RuntimeView | None = None,
     ) -> None:
         self.bridge_name = validate_bridge_name(bridge_name)
         self.network = parse_pod_cidr(pod_cidr)
@@ -85,6 +98,10 @@ class BridgeNetwork:
         self.prefix_len: int = self.network.prefixlen
         self.state_dir = Path(state_dir)
         self.manage_forwarding = manage_forwarding
+        self.runtime_view = runtime_view
+        # False until the store was checked against the runtime's view since start().
+        self._reconciled = False
+        self._repair_retry_at = 0.0
         self._ipam: HostLocalIPAM | None = None
         self._ipr: AsyncIPRoute | None = None
         # uid -> address, mirrors the IPAM store (we are its only writer), so that
@@ -95,6 +112,9 @@ class BridgeNetwork:
         self._bridge_lock = asyncio.Lock()
         self._ipam_lock = asyncio.Lock()
         self._pod_locks: dict[str, _KeyedLock] = {}
+        # Pods whose setup or teardown is past the repair gate: their eth0 may be
+        # between two addresses, so a repair leaves them to their own operation.
+        self._in_flight: set[str] = set()
         self._next_port_scan = 0.0  # monotonic time of the next full port scan in GC
 
     # ------------------------------------------------------------------ lifecycle
@@ -105,6 +125,7 @@ class BridgeNetwork:
             if self._ipam is None:
                 self._ipam = await asyncio.to_thread(HostLocalIPAM, self.state_dir, str(self.network))
             self._addresses = await asyncio.to_thread(self._ipam.allocations)
+            self._reconciled = False
             if self._ipr is None:
                 self._ipr = AsyncIPRoute()
             await self._ensure_bridge()
@@ -151,6 +172,8 @@ class BridgeNetwork:
             except FileNotFoundError as exc:
                 raise NetworkError(f"pod {pod_uid}: netns_path {netns_path!r} does not exist") from exc
             try:
+                await self._ensure_consistent(caller=pod_uid)
+                self._in_flight.add(pod_uid)
                 address = await self._allocate(pod_uid)
                 bridge = await self._current_bridge()
                 pair = await self._ensure_veth_pair(pod_uid, netns, bridge)
@@ -177,6 +200,7 @@ class BridgeNetwork:
             except (NetlinkError, LookupError) as exc:
                 raise NetworkError(f"pod {pod_uid}: network setup in {netns_path} failed: {exc}") from exc
             finally:
+                self._in_flight.discard(pod_uid)
                 await netns.close()
         log.info(
             "pod network ready",
@@ -191,10 +215,14 @@ class BridgeNetwork:
     async def teardown_pod(self, pod_uid: str, netns_path: str | None) -> None:
         _check_pod_uid(pod_uid)
         async with self._pod_lock(pod_uid):
-            if netns_path:
-                await self._delete_pod_eth0(pod_uid, netns_path)
-            deleted = await delete_link(self._host(), ifname=host_veth_name(self.bridge_name, pod_uid))
-            released = await self._release(pod_uid)
+            self._in_flight.add(pod_uid)
+            try:
+                if netns_path:
+                    await self._delete_pod_eth0(pod_uid, netns_path)
+                deleted = await delete_link(self._host(), ifname=host_veth_name(self.bridge_name, pod_uid))
+                released = await self._release(pod_uid)
+            finally:
+                self._in_flight.discard(pod_uid)
         if deleted or released:
             log.info("pod network removed", pod_uid=pod_uid, ip=str(released) if released else None)
 
@@ -206,10 +234,17 @@ class BridgeNetwork:
     async def garbage_collect(self, live_pod_uids: set[str]) -> list[str]:
         """Release addresses and delete host veths of pods not in ``live_pod_uids``."""
         ipam = self._require_started()
+        try:
+            await self._ensure_consistent(caller=None)
+        except NetworkError as exc:
+            # Not fatal to GC: addresses of damaged files stay reserved until then.
+            log.warning("ipam repair postponed", error=str(exc))
         # Re-read the store: it is the truth, the cache only mirrors it.
         allocations = await asyncio.to_thread(ipam.allocations)
         released = []
-        for pod_uid in sorted(set(allocations) - set(live_pod_uids)):
+        # "<unknown:...>" placeholders are freed only by a repair that saw the runtime.
+        gone = {uid for uid in allocations if not is_unknown_owner(uid)} - set(live_pod_uids)
+        for pod_uid in sorted(gone):
             async with self._pod_lock(pod_uid):
                 await delete_link(self._host(), ifname=host_veth_name(self.bridge_name, pod_uid))
                 await self._release(pod_uid)
@@ -230,6 +265,68 @@ class BridgeNetwork:
         if released or orphans:
             log.info("pod network garbage collected", released=released, orphan_veths=orphans)
         return released
+
+    # ------------------------------------------------------------------ self-healing
+
+    async def _ensure_consistent(self, *, caller: str | None) -> None:
+        """Repair the store from the runtime's view once per start and after damage."""
+        ipam = self._require_started()
+
+        def settled() -> bool:
+            return self._reconciled and (not ipam.damaged or time.monotonic() < self._repair_retry_at)
+
+        if self.runtime_view is None or settled():
+            return
+        async with self._ipam_lock:
+            if settled():
+                return  # another setup repaired it while this one waited
+            await asyncio.shield(self._repair_locked(ipam, caller))
+
+    async def _repair_locked(self, ipam: HostLocalIPAM, caller: str | None) -> None:
+        assert self.runtime_view is not None
+        try:
+            sandboxes = await self.runtime_view()
+        except Exception as exc:  # the runtime's errors are not ours to know
+            raise NetworkError(f"cannot check the IPAM store against the runtime's sandboxes: {exc}") from exc
+        # Pods with an operation in flight (other than the caller's) are left out:
+        # their eth0 may be between two addresses, and their own operation settles it.
+        # Pods merely waiting at the gate have changed nothing yet and are included.
+        busy = self._in_flight - {caller}
+        wanted = [s for s in sandboxes if s.pod_uid not in busy]
+        slots = asyncio.Semaphore(_NETNS_READ_CONCURRENCY)
+        unreadable: list[str] = []
+
+        async def read(netns_path: str) -> set[IPv4Address]:
+            async with slots:
+                try:
+                    return await self._eth0_addresses(netns_path)
+                except (OSError, NetworkError, NetlinkError) as exc:
+                    if not _netns_gone(exc):
+                        unreadable.append(netns_path)
+                    return set()
+
+        found = await asyncio.gather(*(read(s.netns_path) for s in wanted))
+        in_use: dict[str, set[IPv4Address]] = {}
+        for sandbox, addresses in zip(wanted, found):
+            in_use.setdefault(sandbox.pod_uid, set()).update(addresses)
+        report = await asyncio.to_thread(ipam.repair, in_use, complete=not unreadable)
+        self._addresses = await asyncio.to_thread(ipam.allocations)
+        self._reconciled = True
+        self._repair_retry_at = time.monotonic() + REPAIR_RETRY_S if unreadable else 0.0
+        if any(report.values()) or unreadable:
+            log.warning("ipam store repaired from the runtime's view", bridge=self.bridge_name,
+                        sandboxes=len(wanted), unreadable_netns=unreadable, **report)
+        else:
+            log.debug("ipam store matches the runtime", sandboxes=len(wanted))
+
+    @staticmethod
+    async def _eth0_addresses(netns_path: str) -> set[IPv4Address]:
+        async with NetnsRoute(netns_path) as netns:
+            assert netns.ipr is not None
+            eth0 = await get_link(netns.ipr, POD_IFNAME)
+            if eth0 is None:
+                return set()
+            return {IPv4Address(a) for a, _prefix in await ipv4_addresses(netns.ipr, eth0.index)}
 
     # ------------------------------------------------------------------ internals
 
@@ -413,6 +510,13 @@ class BridgeNetwork:
             # The namespace is gone (the usual case after the sandbox stopped): the
             # kernel already destroyed the pair with it.
             log.debug("pod netns not usable at teardown", pod_uid=pod_uid, netns=netns_path, error=str(exc))
+
+
+def _netns_gone(exc: BaseException) -> bool:
+    """The sandbox stopped between the runtime's list and our read: nothing to see."""
+    return isinstance(exc, FileNotFoundError) or (
+        isinstance(exc, NetworkError) and isinstance(exc.__cause__, FileNotFoundError)
+    )
 
 
 def _check_pod_uid(pod_uid: str) -> None:

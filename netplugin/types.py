@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,6 +17,22 @@ class PodNetworkStatus:
     gateway: str
     prefix_len: int
     interface: str = "eth0"
+
+
+@dataclass(frozen=True)
+class SandboxNetns:
+    """A running sandbox as the runtime reports it: its pod (from the sandbox's
+    labels) and the path of its network namespace. The plugin reads the addresses
+    on that namespace's eth0 itself."""
+
+    pod_uid: str
+    netns_path: str
+
+
+# The runtime's view the kubelet side passes in: every running, non-host-network
+# sandbox of this node. The pod network uses it to heal a damaged IPAM store; it never
+# talks to the runtime itself.
+RuntimeView = Callable[[], Awaitable[list[SandboxNetns]]]
 
 
 class PodNetwork(Protocol):

@@ -22,7 +22,9 @@ from nodeagent.config import Settings, container_log_max_bytes
 from nodeagent.kubelet.dns import DNSSettings
 from nodeagent.kubelet.logs import ContainerLogs
 from nodeagent.kubelet.security import SecurityPolicy
+from nodeagent.kubelet.gc import collect_dead_sandboxes
 from nodeagent.kubelet.kubelet import Kubelet
+from nodeagent.kubelet.netview import sandbox_netns_view
 from nodeagent.standalone.manifests import ManifestSnapshot, ManifestSource
 from nodeagent.kubelet.pleg import PLEG
 from nodeagent.kubelet.hostports import HostPortFeed
@@ -131,6 +133,7 @@ class Agent:
             bridge_name=settings.bridge_name,
             pod_cidr=settings.pod_cidr,
             state_dir=root / "ipam",
+            runtime_view=sandbox_netns_view(self.runtime),
         )
         # Probes and lifecycle hooks; a changed probe result re-syncs its pod.
         self.prober = ProbeManager(self.runtime, events=self.cluster.events if self.cluster else None,
@@ -332,6 +335,7 @@ class Agent:
                     if released:
                         log.info("released addresses of gone pods", pod_uids=released)
                     await self.volumes.cleanup_orphans(live)
+                    await collect_dead_sandboxes(self.runtime, self.workers.known)
             except Exception as exc:  # housekeeping must never stop the node
                 log.warning("housekeeping failed", error=str(exc) or type(exc).__name__)
 
@@ -442,6 +446,7 @@ class Agent:
                         bridge_name=self.settings.bridge_name,
                         pod_cidr=pod_cidr,
                         state_dir=Path(self.settings.root_dir) / "ipam",
+                        runtime_view=sandbox_netns_view(self.runtime),
                     )
                     self.kubelet.network = self.network
             await self._start_network()

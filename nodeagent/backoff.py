@@ -19,15 +19,15 @@ Two ways to feed it, matching the two uses kubelet has for its back-off:
   instead of starting again from zero (``kill -9`` of the agent must not reset it).
 * ``record_failure`` for operations that fail at a point in time (image pulls).
 
-Delays: after the exit that starts a streak the next start waits ``base``, then
-2*base, 4*base ... capped at ``cap`` (10 s, 20 s, 40 s ... 300 s). A container that ran
-at least ``reset_after`` seconds ends the streak, so its next delay is ``base`` again.
-
-Upstream kubelet (``flowcontrol.Backoff`` in ``doBackOff``) restarts the *first* crash
-of a streak at once and only then waits 10 s, 20 s ...; this project delays the first
-restart too (the node's contract, and its end-to-end test, expect gaps of base, 2*base,
-4*base between successive starts). ``immediate_first_restart=True`` gives kubelet's
-shape.
+Restart delays with ``immediate_first_restart=True``, which is how the agent wires
+its container back-off (``nodeagent/agent.py``) and what kubelet does (``doBackOff``
+with ``flowcontrol.Backoff``: a crash with no back-off entry is restarted at once and
+only creates the entry): the first exit of a streak is restarted at once, then the
+next start waits ``base``, 2*base, 4*base ... capped at ``cap`` (0, 10 s, 20 s, 40 s
+... 300 s with kubelet's defaults). With ``immediate_first_restart=False`` (the
+constructor's default, for other callers) the first restart waits ``base`` too. A
+container that ran at least ``reset_after`` seconds ends the streak, so its next exit
+counts as a first one again.
 
 Image pulls wait ``base`` after the first failure, doubling up to ``cap``; a failure
 more than ``reset_after`` after the previous one starts a new streak.

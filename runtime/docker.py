@@ -249,7 +249,7 @@ class DockerRuntime:
 
     @_observed("version")
     async def version(self) -> str:
-        info = await self.engine.call("docker version", "GET", "version")
+        info = await self.engine.version()
         return f"docker://{info.get('Version', 'unknown')}"
 
     # --- sandboxes -------------------------------------------------------------------
@@ -464,7 +464,7 @@ class DockerRuntime:
         what = f"start container {container_id[:12]}"
         self._status_cache.pop(container_id, None)
         try:
-            await self.engine.call(what, "POST", f"containers/{container_id}/start")
+            await self.engine.start_container(what, container_id)
         except EngineError as exc:
             # The process could not be started; Docker recorded why on the container.
             raise StartContainerError(str(exc)) from None
@@ -561,9 +561,7 @@ class DockerRuntime:
         what = f"remove container {container_id[:12]}"
         self._status_cache.pop(container_id, None)
         try:
-            await self.engine.call(
-                what, "DELETE", f"containers/{container_id}", params={"force": "1", "v": "1"}
-            )
+            await self.engine.remove_container(what, container_id)
         except EngineError as exc:
             if exc.status == 409 and "already in progress" in str(exc):
                 return
@@ -632,10 +630,7 @@ class DockerRuntime:
             raise CreateContainerError(f"{what}: {name!r} is not a valid Docker container name")
         for attempt in range(2):
             try:
-                result = await self.engine.call(
-                    what, "POST", "containers/create", params={"name": name}, body=body
-                )
-                return str(result["Id"])
+                return await self.engine.create_container(what, name, body)
             except NotFound as exc:  # 404: the image is not there
                 raise CreateContainerError(f"{what}: {exc}") from None
             except EngineError as exc:
@@ -646,8 +641,7 @@ class DockerRuntime:
 
     async def _replace_stale(self, name: str, what: str) -> None:
         try:
-            existing = await self.engine.call(f"{what}: inspect {name}", "GET",
-                                              f"containers/{name}/json")
+            existing = await self.engine.inspect_container(f"{what}: inspect {name}", name)
         except NotFound:
             return  # gone meanwhile; just retry
         labels = existing["Config"].get("Labels") or {}
@@ -724,7 +718,7 @@ class DockerRuntime:
     # --- internals: stop ---------------------------------------------------------------
 
     async def _stop(self, container_id: str, grace: float, signal: str | None, what: str) -> None:
-        info = await self.engine.call(what, "GET", f"containers/{container_id}/json")
+        info = await self.engine.inspect_container(what, container_id)
         if not info["State"].get("Running"):
             return
         sig = signal or info["Config"].get("StopSignal") or "SIGTERM"
@@ -742,10 +736,7 @@ class DockerRuntime:
     async def _kill(self, container_id: str, signal: str, what: str) -> bool:
         """Signal the container; False when it is not running any more."""
         try:
-            await self.engine.call(
-                f"{what}: kill -{signal}", "POST", f"containers/{container_id}/kill",
-                params={"signal": signal},
-            )
+            await self.engine.kill_container(f"{what}: kill -{signal}", container_id, signal)
         except EngineError as exc:
             if exc.status == 409:  # "is not running"
                 return False
@@ -756,10 +747,7 @@ class DockerRuntime:
         if seconds <= 0:
             return False
         try:
-            await self.engine.call(
-                f"{what}: wait", "POST", f"containers/{container_id}/wait",
-                params={"condition": "not-running"}, timeout=seconds,
-            )
+            await self.engine.wait_container(f"{what}: wait", container_id, "not-running", seconds)
         except RuntimeTimeout:
             return False
         return True
@@ -781,11 +769,7 @@ class DockerRuntime:
         filters: dict[str, list[str]] = {"label": label_filters}
         if status:
             filters["status"] = [status]
-        result = await self.engine.call(
-            f"list {docker_type}s", "GET", "containers/json",
-            params={"all": "1", "filters": json.dumps(filters)},
-        )
-        return list(result or [])
+        return await self.engine.list_containers(f"list {docker_type}s", filters)
 
     async def _relist(
         self,
@@ -826,13 +810,11 @@ class DockerRuntime:
     async def _inspect(self, container_id: str) -> dict[str, Any]:
         async with self._inspect_slots:
             self.inspect_calls += 1
-            return await self.engine.call(
-                f"inspect container {container_id[:12]}", "GET", f"containers/{container_id}/json"
-            )
+            return await self.engine.inspect_container(f"inspect container {container_id[:12]}", container_id)
 
     async def _inspect_own(self, container_id: str, what: str) -> dict[str, Any]:
         """Inspect, treating containers of other nodes (or not ours at all) as missing."""
-        info = await self.engine.call(what, "GET", f"containers/{container_id}/json")
+        info = await self.engine.inspect_container(what, container_id)
         if (info["Config"].get("Labels") or {}).get(L.NODE) != self.node_name:
             raise NotFound(f"{what}: container {container_id[:12]} does not belong to node "
                            f"{self.node_name}")
@@ -916,8 +898,7 @@ class DockerRuntime:
             digests = cached[1]
         else:
             try:
-                info = await self.engine.call(f"inspect image {image_id[:19]}", "GET",
-                                              f"images/{image_id}/json")
+                info = await self.engine.inspect_image(f"inspect image {image_id[:19]}", image_id)
                 digests = list(info.get("RepoDigests") or [])
             except NotFound:
                 digests = []

@@ -12,9 +12,16 @@ One aiodocker client per engine, with:
 * engine errors mapped onto the runtime contract: 404 -> NotFound, unreachable socket
   -> RuntimeUnavailable, any other HTTP error -> EngineError (with ``status``).
 
-It uses aiodocker's request layer (``Docker._query``/``_query_json``), which every
-aiodocker sub-API is built on, because several endpoints we need (import from a tar,
-``wait?condition=``, filtered events) have no public helper in aiodocker 0.27.
+Calls go through aiodocker's public API where it has one (version, container create /
+start / inspect / list / kill / wait / delete, image inspect: the typed methods below,
+each under the same deadline and error mapping). Three streams use aiodocker's request
+layer (``Docker._do_query``, and ``_query_json`` behind the generic :meth:`Engine.call`)
+because the public helpers do not fit: ``images.import_image`` cannot pass ``changes``
+(the pause image's ENTRYPOINT); ``images.pull`` and ``events.subscribe`` parse the
+stream themselves in a background task, so the caller gets neither a deadline on the
+response headers nor control over the line reader (``iter_json_lines``). Those private
+calls were checked against aiodocker 0.27.0, which ``pyproject.toml`` pins as the upper
+bound (``aiodocker>=0.22,<0.28``); re-check them before raising it.
 """
 
 from __future__ import annotations
@@ -22,8 +29,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import aiodocker
 import aiohttp
@@ -31,6 +38,8 @@ import structlog
 from aiodocker.exceptions import DockerError
 
 from runtime.types import NotFound, RuntimeError_, RuntimeTimeout, RuntimeUnavailable
+
+T = TypeVar("T")
 
 DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
 _log = structlog.get_logger(__name__)
@@ -110,6 +119,35 @@ class Engine:
             if self._owns_client:
                 await close_docker_client(docker)
 
+    async def run(
+        self,
+        what: str,
+        request: Callable[[aiodocker.Docker], Awaitable[T]],
+        *,
+        timeout: float | None = None,
+        ok_statuses: tuple[int, ...] = (),
+    ) -> T | None:
+        """Run one aiodocker call under its own deadline (``timeout`` or
+        ``call_timeout``), with engine errors mapped onto the runtime contract.
+
+        ``what`` names the operation and object for error messages. HTTP statuses in
+        ``ok_statuses`` return None instead of raising.
+        """
+        deadline = self.call_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(deadline):
+                return await request(self.docker)
+        except TimeoutError:
+            raise RuntimeTimeout(
+                f"{what}: Docker at {self.url} did not answer within {deadline:g}s"
+            ) from None
+        except DockerError as exc:
+            if exc.status in ok_statuses:
+                return None
+            raise self.translate(exc, what) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise RuntimeUnavailable(f"{what}: Docker at {self.url} unreachable: {exc}") from None
+
     async def call(
         self,
         what: str,
@@ -121,27 +159,51 @@ class Engine:
         timeout: float | None = None,
         ok_statuses: tuple[int, ...] = (),
     ) -> Any:
-        """One JSON request under its own deadline (``timeout`` or ``call_timeout``).
+        """A raw JSON request (aiodocker's request layer), for endpoints without a
+        public aiodocker call; otherwise like :meth:`run`."""
+        return await self.run(
+            what,
+            lambda docker: docker._query_json(
+                path, method, params=dict(params) if params else None, data=body
+            ),
+            timeout=timeout,
+            ok_statuses=ok_statuses,
+        )
 
-        ``what`` names the operation and object for error messages. HTTP statuses in
-        ``ok_statuses`` return None instead of raising.
-        """
-        deadline = self.call_timeout if timeout is None else timeout
-        try:
-            async with asyncio.timeout(deadline):
-                return await self.docker._query_json(
-                    path, method, params=dict(params) if params else None, data=body
-                )
-        except TimeoutError:
-            raise RuntimeTimeout(
-                f"{what}: Docker at {self.url} did not answer within {deadline:g}s"
-            ) from None
-        except DockerError as exc:
-            if exc.status in ok_statuses:
-                return None
-            raise self.translate(exc, what) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise RuntimeUnavailable(f"{what}: Docker at {self.url} unreachable: {exc}") from None
+    # --- public aiodocker calls ---------------------------------------------------
+
+    async def version(self, what: str = "docker version") -> dict[str, Any]:
+        return await self.run(what, lambda d: d.version())  # type: ignore[return-value]
+
+    async def create_container(self, what: str, name: str, body: dict[str, Any]) -> str:
+        created = await self.run(what, lambda d: d.containers.create(body, name=name))
+        assert created is not None
+        return str(created.id)
+
+    async def start_container(self, what: str, container_id: str) -> None:
+        await self.run(what, lambda d: d.containers.container(container_id).start())
+
+    async def inspect_container(self, what: str, container_id: str) -> dict[str, Any]:
+        return await self.run(what, lambda d: d.containers.container(container_id).show())  # type: ignore[return-value]
+
+    async def list_containers(self, what: str, filters: Mapping[str, list[str]]) -> list[dict[str, Any]]:
+        """``docker ps -a`` with ``filters``: each entry's ``Id`` and ``State``."""
+        found = await self.run(what, lambda d: d.containers.list(all="1", filters=json.dumps(filters)))
+        return [{key: c[key] for key in ("Id", "State") if key in c} for c in found or []]
+
+    async def kill_container(self, what: str, container_id: str, signal: str) -> None:
+        await self.run(what, lambda d: d.containers.container(container_id).kill(signal=signal))
+
+    async def wait_container(self, what: str, container_id: str, condition: str, timeout: float) -> None:
+        await self.run(
+            what, lambda d: d.containers.container(container_id).wait(condition=condition), timeout=timeout
+        )
+
+    async def remove_container(self, what: str, container_id: str) -> None:
+        await self.run(what, lambda d: d.containers.container(container_id).delete(force=True, v=True))
+
+    async def inspect_image(self, what: str, name: str) -> dict[str, Any]:
+        return await self.run(what, lambda d: d.images.inspect(name))  # type: ignore[return-value]
 
     async def open_stream(
         self,

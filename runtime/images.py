@@ -126,9 +126,7 @@ class DockerImageService:
 
     async def _inspect_id(self, name: str, image: str) -> str | None:
         try:
-            info = await self.runtime.engine.call(
-                f"inspect image {image!r}", "GET", f"images/{name}/json"
-            )
+            info = await self.runtime.engine.inspect_image(f"inspect image {image!r}", name)
         except NotFound:
             return None
         return str(info["Id"])

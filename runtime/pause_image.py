@@ -104,7 +104,7 @@ async def ensure_pause_image(
     engine = Engine(client=docker, call_timeout=30.0)
     if not rebuild:
         try:
-            info = await engine.call(f"inspect image {image}", "GET", f"images/{image}/json")
+            info = await engine.inspect_image(f"inspect image {image}", image)
             return str(info["Id"])
         except NotFound:
             pass
@@ -127,7 +127,7 @@ async def ensure_pause_image(
                     raise PauseImageError(f"{what}: {error}")
         finally:
             response.close()
-    info = await engine.call(f"inspect image {image}", "GET", f"images/{image}/json")
+    info = await engine.inspect_image(f"inspect image {image}", image)
     log.info("pause image imported", image=image, image_id=info["Id"])
     return str(info["Id"])
 

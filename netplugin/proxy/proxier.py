@@ -312,7 +312,7 @@ class ServiceProxy:
         self._bind_loop()
         full = self._needs_full or time.monotonic() - self._last_full >= self._full_sync_period
         if not full and not await self._table_present():
-            full = True
+            full = self._needs_full = True  # the table vanished: a repair, not routine
         await self._sync(full=full)
 
     async def full_resync(self) -> None:
@@ -382,6 +382,7 @@ class ServiceProxy:
         # All the work (ruleset, diff, encoding, netlink) runs on the worker thread so
         # that a large sync never stalls the event loop; the applied state is swapped
         # here, on the loop, so readers such as describe() never see it half-updated.
+        routine_full = full and not (self._needs_full or self._recreate or dirty or global_dirty)
         outcome = await self._call(self._compute_and_write, dirty, services, slices,
                                    global_dirty, host_ports, full)
         if outcome.target is not None:
@@ -396,7 +397,12 @@ class ServiceProxy:
         self.syncs += 1
         self.last_sync_phases = outcome.phases
         self._report_conflicts(outcome.transition)
-        log.info("proxy synced", table=self.table, full=outcome.full, services=len(dirty), **outcome.summary)
+        # Info only when something changed: the periodic full resync rewrites the
+        # table (like kube-proxy's) with nothing new in it, and would otherwise log a
+        # line every 30 s forever.
+        changed = any(outcome.summary.values()) and not (routine_full and outcome.full)
+        (log.info if changed else log.debug)(
+            "proxy synced", table=self.table, full=outcome.full, services=len(dirty), **outcome.summary)
         await self._flush_conntrack(outcome.old_views, outcome.transition.fragments)
 
     def _compute_and_write(self, dirty: set[tuple[str, str]], services: dict, slices: dict,

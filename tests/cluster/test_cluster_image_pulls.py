@@ -22,8 +22,9 @@ USER, PASSWORD = "cluster-puller", "cluster-pull-s3cret"
 async def test_image_pull_secrets_and_node_images(cp_recording, rkubectl, cluster_agent_factory):
     cp, kubectl = cp_recording, rkubectl
     with running_registry(credentials=(USER, PASSWORD)) as registry:
-        image = registry.push("busybox:1.35", "private/busybox", "cluster")
+        image = f"{registry.host}/private/busybox:cluster"
         try:
+            registry.push("busybox:1.35", "private/busybox", "cluster")
             agent = await cluster_agent_factory(cp)
             await agent.wait_node_ready()
             await kubectl("create", "secret", "docker-registry", "regcred",

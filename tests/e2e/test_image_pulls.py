@@ -41,13 +41,16 @@ def _waiting(agent, name: str) -> tuple[str, str] | None:
 
 def test_private_tls_registry_with_the_node_credential_file(agent_factory, tmp_path):
     with running_registry(credentials=(USER, PASSWORD), tls=True) as registry:
-        image = registry.push("busybox:1.35", "team/busybox", "e2e")
-        other = registry.push("busybox:1.35", "team/busybox", "other")
-        creds = tmp_path / "registry-credentials.json"
-        _credential_file(creds, registry.host, PASSWORD)
-        agent = agent_factory(extra_config={"image-credential-file": str(creds),
-                                            "max-parallel-image-pulls": 1})
+        image = f"{registry.host}/team/busybox:e2e"
+        other = f"{registry.host}/team/busybox:other"
+        agent = None
         try:
+            registry.push("busybox:1.35", "team/busybox", "e2e")
+            registry.push("busybox:1.35", "team/busybox", "other")
+            creds = tmp_path / "registry-credentials.json"
+            _credential_file(creds, registry.host, PASSWORD)
+            agent = agent_factory(extra_config={"image-credential-file": str(creds),
+                                                "max-parallel-image-pulls": 1})
             sleeper = {"name": "app", "image": image, "imagePullPolicy": "IfNotPresent",
                        "command": ["sh", "-c", "while true; do sleep 1; done"]}
             for i in range(3):
@@ -91,6 +94,7 @@ def test_private_tls_registry_with_the_node_credential_file(agent_factory, tmp_p
             _credential_file(creds, registry.host, PASSWORD)
             agent.wait_phase("denied", "Running", timeout=60)
         finally:
-            agent.stop()
+            if agent is not None:
+                agent.stop()
             for ref in (image, other):
                 untag(ref)

@@ -109,23 +109,51 @@ async def test_start_creates_bridge_with_gateway_and_forwarding_idempotently(
     assert rules.count(f"-i {bridge_name} ") == 1 and rules.count(f"-o {bridge_name} ") == 1
 
 
-async def test_start_refuses_changed_cidr_and_foreign_bridge_address(
-    network: BridgeNetwork, bridge_name: str, pod_cidr: str, state_dir: Path, tmp_path: Path
+async def test_start_refuses_changed_cidr_and_bridge_with_pods_then_readdresses_it(
+    network: BridgeNetwork, netns_factory, bridge_name: str, pod_cidr: str, state_dir: Path, tmp_path: Path
 ) -> None:
     other_cidr = "10.201.255.0/24" if not pod_cidr.startswith("10.201.255.") else "10.201.254.0/24"
+    ns = netns_factory()
+    pod = uid()
+    await network.setup_pod(pod, ns.path)
     changed = BridgeNetwork(bridge_name=bridge_name, pod_cidr=other_cidr, state_dir=state_dir)
     with pytest.raises(IPAMConfigError, match=f"{pod_cidr}.*{other_cidr}"):
         await changed.start()
     await changed.stop()
-    # A fresh store, but the bridge still carries the old gateway: refused, untouched.
+    # A fresh store, but the bridge still carries the old gateway and a pod of the old
+    # CIDR is attached: refused, untouched, and the error says what to run.
     fresh = BridgeNetwork(bridge_name=bridge_name, pod_cidr=other_cidr, state_dir=tmp_path / "other")
-    with pytest.raises(NetworkError, match=f"bridge '{bridge_name}' carries"):
+    veth = host_veth_name(bridge_name, pod)
+    with pytest.raises(NetworkError, match=(
+        rf"bridge '{bridge_name}' carries .*still attached to it \({veth}\).*"
+        rf"`nodeagent cleanup --bridge-name {bridge_name}`")):
         await fresh.start()
     await fresh.stop()
+    old_gateway = str(IPv4Network(pod_cidr).network_address + 1)
     (addrs,) = ip_json("addr", "show", bridge_name)
-    assert [a["local"] for a in addrs["addr_info"] if a["family"] == "inet"] == [
-        str(IPv4Network(pod_cidr).network_address + 1)
+    assert [a["local"] for a in addrs["addr_info"] if a["family"] == "inet"] == [old_gateway]
+    # Once no pod is attached, our own bridge is re-addressed for the new CIDR.
+    await network.teardown_pod(pod, ns.path)
+    await fresh.start()
+    await fresh.stop()
+    (addrs,) = ip_json("addr", "show", bridge_name)
+    assert [(a["local"], a["prefixlen"]) for a in addrs["addr_info"] if a["family"] == "inet"] == [
+        (str(IPv4Network(other_cidr).network_address + 1), 24)
     ]
+
+
+async def test_foreign_bridge_with_another_address_is_refused(bridge_name: str, pod_cidr: str, tmp_path: Path) -> None:
+    # Not created by us (no fixed MAC of ours): never re-addressed, even without ports.
+    run("ip", "link", "add", bridge_name, "type", "bridge")
+    run("ip", "addr", "add", "10.201.254.1/24", "dev", bridge_name)
+    net = BridgeNetwork(bridge_name=bridge_name, pod_cidr=pod_cidr, state_dir=tmp_path / "ipam")
+    with pytest.raises(NetworkError, match=(
+        rf"carries 10.201.254.1/24 .*not created by nodeagent.*"
+        rf"`nodeagent cleanup --bridge-name {bridge_name}`")):
+        await net.start()
+    await net.stop()
+    (addrs,) = ip_json("addr", "show", bridge_name)
+    assert [a["local"] for a in addrs["addr_info"] if a["family"] == "inet"] == ["10.201.254.1"]
 
 
 def test_bad_configuration_is_named(tmp_path: Path) -> None:
