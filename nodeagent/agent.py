@@ -198,7 +198,8 @@ class Agent:
             DockerImageRuntime(self.runtime.engine), image_dir=lambda: self._image_dir,
             pinned=lambda: {settings.pod_infra_image}, needed=self._needed_images,
             high=settings.image_gc_high_threshold, low=settings.image_gc_low_threshold,
-            min_age=settings.image_minimum_gc_age, period=settings.image_gc_period)
+            min_age=settings.image_minimum_gc_age, period=settings.image_gc_period,
+            ready=lambda: self._sources_synced())
         self.eviction = EvictionManager(
             parse_thresholds(settings.eviction_hard),
             observe=lambda: observe_signals(settings.root_dir, self._image_dir),

@@ -7,7 +7,8 @@
   least recently used first (then oldest detected), until usage is below ``low`` %;
 * never removed: an image any container uses (running or not; Docker refuses anyway),
   an image a pod on the node asks for (even before its container exists), the pause
-  image, or one detected less than ``min_age`` ago.
+  image, or one detected less than ``min_age`` ago; and nothing at all before every pod
+  source has reported (until then what the pods need is unknown).
 
 ``delete_unused`` removes every unused image at once: eviction's reclaim step.
 """
@@ -59,6 +60,7 @@ class ImageGC:
         period: float = 300.0,
         disk_usage: Callable[[str], tuple[int, int]] | None = None,
         clock: Callable[[], float] = time.time,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         if not 0 <= low <= high <= 100:
             raise ValueError(f"image GC thresholds must satisfy 0 <= low ({low}) <= high ({high}) <= 100")
@@ -70,6 +72,9 @@ class ImageGC:
         self.min_age, self.period = min_age, period
         self._disk_usage = disk_usage or _disk_usage
         self._clock = clock
+        # Until every pod source has reported, what pods need is not known yet: no
+        # image is removed before that.
+        self._ready = ready
         self.images: dict[str, ImageRecord] = {}
         self.removed: list[str] = []  # ids removed by this process (bounded)
 
@@ -107,6 +112,8 @@ class ImageGC:
     async def _free(self, bytes_to_free: int | None) -> int:
         """Remove unused images (all when None) until ``bytes_to_free`` are freed."""
         await self.detect()
+        if not self._ready():
+            return 0
         in_use = await self.runtime.images_in_use()
         freed = 0
         for image in self._candidates(in_use):

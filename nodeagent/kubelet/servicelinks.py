@@ -56,6 +56,11 @@ def env_for_services(services: list[dict]) -> dict[str, str]:
     return env
 
 
+def _is_static(pod: dict) -> bool:
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    return annotations.get("kubernetes.io/config.source", "api") != "api"
+
+
 class ServiceEnv:
     """``services()`` lists every Service the node knows (all namespaces), or None while
     they have not been read yet (a container then waits with
@@ -67,7 +72,12 @@ class ServiceEnv:
     def for_pod(self, pod: dict) -> dict[str, str]:
         services = self._services()
         if services is None:
-            raise ConfigError("services have not yet been read at least once, cannot construct envvars")
+            # As kubelet: an API pod waits for the first list (KUBERNETES_SERVICE_HOST must
+            # not go missing); a static pod starts without the API, with what is known.
+            if _is_static(pod):
+                services = []
+            else:
+                raise ConfigError("services have not yet been read at least once, cannot construct envvars")
         namespace = (pod.get("metadata") or {}).get("namespace") or "default"
         links = (pod.get("spec") or {}).get("enableServiceLinks", True) is not False
         chosen: dict[str, dict] = {}

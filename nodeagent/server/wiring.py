@@ -83,4 +83,14 @@ def build_node_api(agent) -> NodeApiServer | None:
         host, port, node_name=settings.node_name, auth=auth,
         ssl_context=server_context(cert, key, client_ca), pods=agent.pod_list,
         runtime=agent.runtime, checks=agent.server._checks,
-        max_streams=settings.node_api_max_streams, idle_timeout=settings.streaming_idle_timeout)
+        max_streams=settings.node_api_max_streams, idle_timeout=settings.streaming_idle_timeout,
+        extra_routes=_stats_routes(agent))
+
+
+def _stats_routes(agent):
+    """/metrics* and /stats/summary: the status server's handlers, behind the node API's
+    authentication and kubelet's nodes/metrics and nodes/stats authorization."""
+    handlers = getattr(agent, "stats_handlers", None)
+    if handlers is None:
+        return None
+    return lambda app: app.router.add_routes(handlers.routes())

@@ -48,6 +48,15 @@ async def test_kubectl_logs_through_the_node_api(controlplane, kubectl, cluster_
     assert res.stdout == "ok"
     res = await kubectl("get", "--raw", f"/api/v1/nodes/{agent.node_name}/proxy/pods")
     assert [p["metadata"]["name"] for p in res.json()["items"]] == ["logs"]
+    # metrics-server's read: the Summary API through nodes/proxy, and the metrics.
+    async def summary_has_pod():
+        out = await kubectl("get", "--raw", f"/api/v1/nodes/{agent.node_name}/proxy/stats/summary")
+        body = out.json()
+        return body["node"]["nodeName"] == agent.node_name and \
+            [p["podRef"]["name"] for p in body.get("pods") or []] == ["logs"]
+    await agent.wait("/stats/summary through nodes/proxy", summary_has_pod, timeout=60)
+    res = await kubectl("get", "--raw", f"/api/v1/nodes/{agent.node_name}/proxy/metrics/resource")
+    assert "node_cpu_usage_seconds_total" in res.stdout
     res = await kubectl("logs", "logs", "--previous")
     assert res.stdout == "first-1\nfirst-2\nfirst-3\n"
     res = await kubectl("logs", "logs", "--previous", "--tail=1")

@@ -37,8 +37,10 @@ def test_service_links(agent):
     env = _env(agent, "linked")
     ip = env["WEB_API_SERVICE_HOST"]
     assert ipaddress.ip_address(ip) in ipaddress.ip_network("10.96.0.0/12")
-    with urllib.request.urlopen(agent.url + "/proxy", timeout=5) as resp:
-        assert ip in resp.read().decode()  # the address the proxy serves
+    def proxied() -> bool:  # the address the proxy serves (synced within a second)
+        with urllib.request.urlopen(agent.url + "/proxy", timeout=5) as resp:
+            return ip in resp.read().decode()
+    agent.wait_for("the service in the proxy", proxied, timeout=15)
     assert env["WEB_API_SERVICE_PORT"] == "80" and env["WEB_API_SERVICE_PORT_METRICS"] == "9100"
     assert env["WEB_API_PORT"] == f"tcp://{ip}:80"
     assert env["WEB_API_PORT_9100_UDP_ADDR"] == ip

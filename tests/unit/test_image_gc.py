@@ -114,3 +114,14 @@ async def test_delete_unused_for_eviction_ignores_thresholds():
 def test_thresholds_are_checked():
     with pytest.raises(ValueError):
         ImageGC(FakeRuntime({}), image_dir=lambda: "/", pinned=set, needed=set, high=70, low=80)
+
+
+async def test_nothing_goes_before_the_pod_sources_reported():
+    rt, clock = FakeRuntime({"a": (1, ["a:1"])}), Clock()
+    ready = {"value": False}
+    gc = ImageGC(rt, image_dir=lambda: "/", pinned=set, needed=set, high=0, low=0, min_age=0,
+                 disk_usage=lambda path: (100, 10), clock=clock, ready=lambda: ready["value"])
+    assert await gc.garbage_collect() == 0 and await gc.delete_unused() == 0 and rt.removed == []
+    ready["value"] = True
+    await gc.garbage_collect()
+    assert rt.removed == ["a"]

@@ -55,6 +55,10 @@ def test_not_yet_read_is_a_config_error():
     with pytest.raises(ConfigError, match="services have not yet been read") as info:
         ServiceEnv(lambda: None).for_pod(pod())
     assert info.value.reason == "CreateContainerConfigError"
+    # A static pod does not wait for the API (kubelet's exception).
+    static = pod()
+    static["metadata"]["annotations"] = {"kubernetes.io/config.source": "file"}
+    assert ServiceEnv(lambda: None).for_pod(static) == {}
 
 
 def test_container_env_wins_and_may_refer_to_service_variables():
