@@ -57,7 +57,9 @@ def test_image_gc_removes_unused_images_and_keeps_what_pods_need(agent_factory):
         used = _used_percent("/tmp")
         # At or above the high threshold now; the low one below: GC must run.
         high = max(0, int(used))
-        agent = agent_factory(extra_config={
+        # With a minimum age of 0 only the pods decide what stays: the manifest is in
+        # place before the agent starts (GC waits for the first sync of every source).
+        agent = agent_factory(start=False, extra_config={
             "docker-url": url, "image-gc-high-threshold": high, "image-gc-low-threshold": max(0, high - 1),
             "image-minimum-gc-age": 0, "image-gc-period": 1.0})
         # The app container waits behind an init container that never ends: its image
@@ -66,6 +68,7 @@ def test_image_gc_removes_unused_images_and_keeps_what_pods_need(agent_factory):
             "waiting", [{"name": "app", "image": "gc/needed:1", "imagePullPolicy": "Never",
                          "command": ["sh", "-c", SLEEP_FOREVER]}],
             initContainers=[busybox("init", SLEEP_FOREVER)], terminationGracePeriodSeconds=1))
+        agent.start()
         agent.wait_for("init container running", lambda: (p := agent.pod("waiting")) and any(
             "running" in s["state"] for s in p["status"].get("initContainerStatuses") or []), 60)
         agent.wait_for("gc/unused:1 removed", lambda: "gc/unused:1" not in _images(url), 30)
