@@ -24,7 +24,6 @@ import platform
 import socket
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 

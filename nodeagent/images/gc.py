@@ -19,7 +19,7 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol
+from typing import Callable, Protocol
 
 import structlog
 

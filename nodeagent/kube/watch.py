@@ -22,6 +22,8 @@ from typing import Any, Awaitable, Callable, Mapping
 
 import structlog
 
+from nodeagent.backoff import Delay
+
 from .client import ApiConnectionError, ApiError, Backoff, KubeClient, WatchEventUnreadable
 from .resources import Resource
 

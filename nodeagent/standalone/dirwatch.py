@@ -10,7 +10,6 @@ import asyncio
 import ctypes
 import ctypes.util
 import os
-import struct
 
 import structlog
 

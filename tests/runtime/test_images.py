@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
-import socket
-import subprocess
-import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
-import warnings
-from pathlib import Path
 
 import pytest
 
@@ -28,73 +20,19 @@ from runtime.types import (
     NotFound,
     PullPolicy,
 )
+from tests.registry import free_port as _free_port, running_registry
 from tests.runtime.util import BUSYBOX, run_container, run_sandbox, wait_exited
 
 pytestmark = pytest.mark.docker
 
-REGISTRY_BINARY = "/usr/bin/docker-registry"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _registry_up(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1) as response:
-            return response.status == 200
-    except urllib.error.HTTPError as exc:
-        return exc.code == 401  # up, asking for credentials
-    except OSError:
-        return False
-
-
-def _htpasswd_line(user: str, password: str) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import crypt  # stdlib until 3.13; glibc's libxcrypt does bcrypt
-    return f"{user}:{crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH))}"
 
 
 @pytest.fixture
 def local_registry(request):
-    """A registry on 127.0.0.1:<free port> with temp storage; param: credentials or None."""
-    credentials: tuple[str, str] | None = getattr(request, "param", None)
-    workdir = Path(tempfile.mkdtemp(prefix="rt-registry-"))
-    port = _free_port()
-    config = {
-        "version": 0.1,
-        "log": {"level": "error", "accesslog": {"disabled": True}},
-        "storage": {"filesystem": {"rootdirectory": str(workdir / "data")},
-                    "delete": {"enabled": True}},
-        "http": {"addr": f"127.0.0.1:{port}", "secret": uuid.uuid4().hex},
-    }
-    if credentials:
-        (workdir / "htpasswd").write_text(_htpasswd_line(*credentials) + "\n")
-        config["auth"] = {"htpasswd": {"realm": "nodeagent-test", "path": str(workdir / "htpasswd")}}
-    (workdir / "config.yml").write_text(json.dumps(config))  # JSON is YAML
-    log = open(workdir / "registry.log", "wb")
-    process = subprocess.Popen([REGISTRY_BINARY, "serve", str(workdir / "config.yml")],
-                               stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 15
-        while not _registry_up(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(
-                    f"docker-registry did not come up: {(workdir / 'registry.log').read_text()}")
-            time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-        subprocess.run(["rm", "-rf", str(workdir)], check=False)
+    """A registry on 127.0.0.1:<free port> with temp storage (tests/registry.py);
+    param: credentials or None."""
+    with running_registry(credentials=getattr(request, "param", None)) as registry:
+        yield registry.host
 
 
 async def _push(runtime: DockerRuntime, source: str, repo: str, tag: str,
