@@ -220,8 +220,11 @@ class _Collector:
         if value is not None and not isinstance(value, bool):
             self.add(field, f"must be true or false, got {_show(value)}")
 
-    def integer(self, field: str, value: object, *, minimum: int | None = None, maximum: int | None = None) -> None:
+    def integer(self, field: str, value: object, *, minimum: int | None = None, maximum: int | None = None,
+                required: bool = False) -> None:
         if value is None:
+            if required:
+                self.add(field, "must be an integer, got null")
             return
         if not _is_int(value):
             self.add(field, f"must be an integer, got {_show(value)}")
@@ -234,6 +237,8 @@ class _Collector:
     def string_list(self, field: str, value: object) -> None:
         items = self.sequence(field, value)
         for i, item in enumerate(items or []):
+            if item is None:  # a list item has no "unset": null here is a typo, not a default
+                self.add(f"{field}[{i}]", "must be a string, got null")
             self.string(f"{field}[{i}]", item)
 
     def choice(self, field: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -403,7 +408,8 @@ def _validate_spec(v: _Collector, spec: dict) -> None:
         v.boolean("spec.securityContext.runAsNonRoot", sc.get("runAsNonRoot"))
         groups = v.sequence("spec.securityContext.supplementalGroups", sc.get("supplementalGroups"))
         for i, gid in enumerate(groups or []):
-            v.integer(f"spec.securityContext.supplementalGroups[{i}]", gid, minimum=0, maximum=MAX_ID)
+            v.integer(f"spec.securityContext.supplementalGroups[{i}]", gid, minimum=0, maximum=MAX_ID,
+                      required=True)
 
 
 def _validate_volumes(v: _Collector, value: object, ctx: _PodContext) -> None:

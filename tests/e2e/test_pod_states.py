@@ -108,4 +108,6 @@ def test_finished_pod_releases_its_ip_and_keeps_exited_containers(agent):
     # Only the pod's removal takes its containers.
     agent.remove("job.yaml")
     agent.wait_for("containers removed with the pod", lambda: not containers_of(agent, uid), 20)
-    assert agent.pod("job") is None
+    # The pod stays listed until its termination completes (volumes, address, status),
+    # a moment after the containers go.
+    agent.wait_for("pod forgotten", lambda: agent.pod("job") is None, 10)
