@@ -161,6 +161,20 @@ class BridgeNetwork:
 
     # ------------------------------------------------------------------- pod ops
 
+    async def reserve(self, pod_uid: str) -> PodNetworkStatus:
+        """The pod's address, allocated now if it has none, before any interface
+        exists: the kubelet builds the containers' environment and hosts file while
+        the sandbox is still starting. ``setup_pod`` then wires this same address."""
+        _check_pod_uid(pod_uid)
+        async with self._pod_lock(pod_uid):
+            self._in_flight.add(pod_uid)
+            try:
+                await self._ensure_consistent(caller=pod_uid)
+                address = await self._allocate(pod_uid)
+            finally:
+                self._in_flight.discard(pod_uid)
+        return self._status(address)
+
     async def setup_pod(self, pod_uid: str, netns_path: str) -> PodNetworkStatus:
         _check_pod_uid(pod_uid)
         if not isinstance(netns_path, str) or not netns_path:

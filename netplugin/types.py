@@ -39,6 +39,9 @@ class PodNetwork(Protocol):
     async def start(self) -> None:
         """Create/verify the node bridge and IPAM store; idempotent."""
 
+    async def reserve(self, pod_uid: str) -> PodNetworkStatus:
+        """Allocate the pod's address (idempotent) before its sandbox runs."""
+
     async def setup_pod(self, pod_uid: str, netns_path: str) -> PodNetworkStatus:
         """Give the pod an eth0 with an address; idempotent (re-running returns the
         same address and does not create a second interface)."""

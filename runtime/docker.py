@@ -20,7 +20,7 @@ import functools
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 import aiodocker
@@ -144,7 +144,22 @@ def _pod_ref(labels: Mapping[str, str]) -> PodRef | None:
 
 
 # Time for libnetwork's watch loop to process a sandbox's endpoint delete.
-_NETWORK_LEAVE_SETTLE = 0.02
+_NETWORK_LEAVE_SETTLE = 0.005
+# The first engine releases with libnetwork's lock-order fix (moby/moby#46693 in
+# 20.10.27; 23.0 carried it from the start).
+_NETWORK_EXIT_FIXED_IN = (20, 10, 27)
+
+
+def has_network_exit_deadlock(engine_version: str) -> bool:
+    """Whether a Docker engine of ``engine_version`` ("20.10.24+dfsg1") has the
+    libnetwork deadlock between two containers leaving the same network
+    (moby/moby#46661). An unreadable version counts as affected: the guard costs
+    little, the hang costs the node."""
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", engine_version or "")
+    if match is None:
+        return True
+    major, minor, patch = (int(part or 0) for part in match.groups())
+    return (major, minor, patch) < _NETWORK_EXIT_FIXED_IN
 
 
 RuntimeObserver = Callable[[str, float, "BaseException | None"], None]
@@ -221,13 +236,21 @@ class DockerRuntime:
         # image id -> (expires at, RepoDigests)
         self._image_cache: dict[str, tuple[float, list[str]]] = {}
         self._inspect_slots = asyncio.Semaphore(_INSPECT_CONCURRENCY)
-        # Docker 20.10's libnetwork deadlocks when two containers leave the same network
-        # while its watch loop processes a third's endpoint delete (lock-order bug,
-        # moby/moby#46661, fixed upstream only after 20.10.24, which Debian ships). Only
-        # sandboxes (pause containers on the "none"/"host" networks) hold network
-        # endpoints, so their exits are serialized, with a moment for the watch loop to
-        # drain; app containers share the sandbox's namespace and are not affected.
-        self._network_leave = asyncio.Lock()
+        # Docker before 20.10.27 deadlocks when one container leaves a network (its
+        # sbLeave reads the network's service records: network lock, then controller
+        # lock) while libnetwork's watch loop processes another's endpoint delete on
+        # the same network (controller lock, then network lock): moby/moby#46661.
+        # Every sandbox holds an endpoint on Docker's "none" network (or "host" for
+        # hostNetwork pods), even though the pod network itself is ours. So exits of
+        # *running* sandboxes are serialized per network, with a moment for the watch
+        # loop to drain; removing a stopped sandbox leaves no network, and app
+        # containers join the sandbox's namespace and hold no endpoint. Engines with
+        # the fix take no lock at all (see has_network_exit_deadlock).
+        self._network_exits: dict[str, asyncio.Lock] = {}
+        self._network_exit_guard: bool | None = None  # decided from the engine version
+        # Labels of sandboxes this runtime created or inspected (immutable in Docker):
+        # creating a container in a known sandbox needs no inspect of it.
+        self._sandbox_labels: dict[str, dict[str, str]] = {}
         # Engine calls made for inspects (tests check relists stay cheap).
         self.inspect_calls = 0
         # Optional: called with (operation, seconds, error) after each runtime call.
@@ -254,8 +277,16 @@ class DockerRuntime:
 
     # --- sandboxes -------------------------------------------------------------------
 
-    @_observed("run_podsandbox")
     async def run_pod_sandbox(self, config: SandboxConfig, image: str) -> str:
+        sandbox_id = await self.create_pod_sandbox(config, image)
+        await self.start_container(sandbox_id)
+        return sandbox_id
+
+    @_observed("run_podsandbox")  # CRI's RunPodSandbox; its start is a start_container
+    async def create_pod_sandbox(self, config: SandboxConfig, image: str) -> str:
+        """Create the pause container without starting it: the pod's containers may be
+        created in it at once (Docker resolves ``container:<id>`` namespaces only when
+        they start), while it starts."""
         what = f"run pod sandbox for {config.pod.namespace}/{config.pod.name}"
         _check_pod(config.pod, what)
         _check_attempt(config.attempt, what)
@@ -304,17 +335,23 @@ class DockerRuntime:
             body["Hostname"] = config.hostname
         name = sandbox_name(config.pod, config.attempt)
         sandbox_id = await self._create(name, body, what)
+        self._sandbox_labels[sandbox_id] = sandbox_labels
         log.info("pod sandbox created", sandbox=name, id=sandbox_id[:12])
-        await self.start_container(sandbox_id)
         return sandbox_id
+
+    @_observed("podsandbox_status")
+    async def sandbox_status(self, sandbox_id: str) -> SandboxStatus:
+        """Fresh status of one of this node's sandboxes (one inspect)."""
+        info = await self._inspect_own(sandbox_id, f"status of sandbox {sandbox_id[:12]}")
+        status = await self._sandbox_status(info)
+        if status is None or (info["Config"].get("Labels") or {}).get(L.DOCKER_TYPE) != L.TYPE_SANDBOX:
+            raise NotFound(f"status of sandbox {sandbox_id[:12]}: not a pod sandbox")
+        return status
 
     @_observed("stop_podsandbox")
     async def stop_pod_sandbox(self, sandbox_id: str, timeout: int = 10) -> None:
         """Stop the sandbox's containers (each within ``timeout``), then the pause."""
-        await self._inspect_own(sandbox_id, f"stop pod sandbox {sandbox_id[:12]}")
-        members = await self._list(
-            L.TYPE_CONTAINER, extra=[f"{L.SANDBOX_ID}={sandbox_id}"], status="running"
-        )
+        pause, members = await self._sandbox_and_members(sandbox_id, f"stop pod sandbox {sandbox_id[:12]}")
 
         async def stop_quietly(container_id: str) -> None:
             try:
@@ -322,16 +359,13 @@ class DockerRuntime:
             except NotFound:
                 pass
 
-        await _run_all(stop_quietly(entry["Id"]) for entry in members)
-        async with self._network_leave:
-            await self.stop_container(sandbox_id, timeout)
-            await asyncio.sleep(_NETWORK_LEAVE_SETTLE)
+        await _run_all(stop_quietly(m["Id"]) for m in members if m.get("State") == "running")
+        await self._stop_pause(pause, timeout)
 
     @_observed("remove_podsandbox")
     async def remove_pod_sandbox(self, sandbox_id: str) -> None:
-        """Remove the sandbox's containers (forcibly) and then the pause container."""
-        await self._inspect_own(sandbox_id, f"remove pod sandbox {sandbox_id[:12]}")
-        members = await self._list(L.TYPE_CONTAINER, extra=[f"{L.SANDBOX_ID}={sandbox_id}"])
+        """Remove the pause container and the sandbox's containers (forcibly), together."""
+        pause, members = await self._sandbox_and_members(sandbox_id, f"remove pod sandbox {sandbox_id[:12]}")
 
         async def remove_quietly(container_id: str) -> None:
             try:
@@ -339,14 +373,66 @@ class DockerRuntime:
             except NotFound:
                 pass
 
-        await _run_all(remove_quietly(entry["Id"]) for entry in members)
-        async with self._network_leave:
-            await self.remove_container(sandbox_id)
-            await asyncio.sleep(_NETWORK_LEAVE_SETTLE)
+        # A running pause leaves its network when it stops; on engines with the
+        # deadlock that exit is taken alone, and the removal after it touches no network.
+        if _running(pause) and await self._guard_network_exits():
+            await self._stop_pause(pause, 0)
+        # Docker lets the pause go before its members: they only name it.
+        await _run_all([self.remove_container(sandbox_id), *(remove_quietly(m["Id"]) for m in members)])
+        self._sandbox_labels.pop(sandbox_id, None)
+
+    async def _sandbox_and_members(self, sandbox_id: str, what: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The sandbox's list entry and its containers' entries, from one ``docker ps``
+        of its pod; NotFound when it is not one of this node's sandboxes."""
+        labels = self._sandbox_labels.get(sandbox_id)
+        if labels is None:
+            labels = (await self._inspect_own(sandbox_id, what))["Config"].get("Labels") or {}
+        uid = labels.get(L.POD_UID)
+        if labels.get(L.DOCKER_TYPE) != L.TYPE_SANDBOX or not uid:
+            raise NotFound(f"{what}: {sandbox_id[:12]} is not a pod sandbox of node {self.node_name}")
+        entries = await self._list(None, uid)
+        pause = next((e for e in entries if e["Id"] == sandbox_id), None)
+        if pause is None:
+            self._sandbox_labels.pop(sandbox_id, None)
+            raise NotFound(f"{what}: no such sandbox")
+        members = [e for e in entries if (e.get("Labels") or {}).get(L.SANDBOX_ID) == sandbox_id]
+        return pause, members
+
+    async def _stop_pause(self, pause: dict[str, Any], timeout: int) -> None:
+        """Stop a sandbox's pause container (its list entry); on engines with the
+        network-exit deadlock (see ``__init__``) one exit per network at a time. Docker
+        releases a container's network before it marks it stopped, so the stop call
+        returning means the endpoint is gone; the settle time lets libnetwork's watch
+        loop finish with it before the next exit begins."""
+        if not _running(pause):
+            return
+        if not await self._guard_network_exits():
+            await self.stop_container(pause["Id"], timeout)
+            return
+        network = "host" if (pause.get("Labels") or {}).get(L.HOST_NETWORK) == "true" else "none"
+        async with self._network_exits.setdefault(network, asyncio.Lock()):
+            try:
+                await self.stop_container(pause["Id"], timeout)
+            finally:
+                await asyncio.sleep(_NETWORK_LEAVE_SETTLE)
+
+    async def _guard_network_exits(self) -> bool:
+        if self._network_exit_guard is None:
+            info = await self.engine.version()
+            self._network_exit_guard = has_network_exit_deadlock(str(info.get("Version", "")))
+            log.info("docker network exit guard", engine=info.get("Version"), enabled=self._network_exit_guard)
+        return self._network_exit_guard
+
+    @_observed("list_pod")
+    async def list_pod(self, pod_uid: str) -> tuple[list[SandboxStatus], list[ContainerStatus]]:
+        """The pod's sandboxes and containers from one ``docker ps``."""
+        statuses = await self._relist(None, pod_uid)
+        return ([s for s in statuses if isinstance(s, SandboxStatus)],
+                [c for c in statuses if isinstance(c, ContainerStatus)])
 
     @_observed("list_podsandbox")
     async def list_pod_sandboxes(self, pod_uid: str | None = None) -> list[SandboxStatus]:
-        return await self._relist(L.TYPE_SANDBOX, pod_uid, self._sandbox_status)  # type: ignore[arg-type]
+        return await self._relist(L.TYPE_SANDBOX, pod_uid)
 
     # --- containers ------------------------------------------------------------------
 
@@ -362,11 +448,13 @@ class DockerRuntime:
             raise CreateContainerError(
                 f"{what}: kind must be one of {sorted(L.CONTAINER_KINDS)}, got {config.kind!r}"
             )
-        try:
-            sandbox_info = await self._inspect_own(sandbox.id, what)
-        except NotFound:
-            raise CreateContainerError(f"{what}: sandbox {sandbox.id[:12]} does not exist") from None
-        sandbox_labels = sandbox_info["Config"].get("Labels") or {}
+        sandbox_labels = self._sandbox_labels.get(sandbox.id)
+        if sandbox_labels is None:
+            try:
+                sandbox_info = await self._inspect_own(sandbox.id, what)
+            except NotFound:
+                raise CreateContainerError(f"{what}: sandbox {sandbox.id[:12]} does not exist") from None
+            sandbox_labels = sandbox_info["Config"].get("Labels") or {}
         if sandbox_labels.get(L.DOCKER_TYPE) != L.TYPE_SANDBOX:
             raise CreateContainerError(f"{what}: {sandbox.id[:12]} is not a pod sandbox")
         if sandbox_labels.get(L.POD_UID) != pod.uid:
@@ -374,7 +462,7 @@ class DockerRuntime:
                 f"{what}: sandbox {sandbox.id[:12]} belongs to pod uid "
                 f"{sandbox_labels.get(L.POD_UID)!r}, not {pod.uid!r}"
             )
-        sandbox_id = sandbox_info["Id"]
+        sandbox_id = sandbox.id
 
         container_labels = dict(config.labels)
         overridden = sorted(set(container_labels) & L.RESERVED)
@@ -472,24 +560,14 @@ class DockerRuntime:
             self._status_cache.pop(container_id, None)
 
     @_observed("stop_container")
-    async def stop_container(
-        self, container_id: str, timeout: int, signal: str | None = None
-    ) -> None:
-        """Send ``signal`` (or the container's stop signal), SIGKILL after ``timeout`` s.
-
-        Already stopped: returns at once. Missing: NotFound. The whole call may take
-        ``timeout`` plus one ``call_timeout`` before it raises RuntimeTimeout.
-        """
-        grace = max(0.0, float(timeout))
-        margin = self.engine.call_timeout
-        what = f"stop container {container_id[:12]}"
+    async def stop_container(self, container_id: str, timeout: int) -> None:
+        """Send the container's stop signal, SIGKILL after ``timeout`` s (Docker's own
+        stop: one round trip). Already stopped: returns at once. Missing: NotFound.
+        The whole call may take ``timeout`` plus one ``call_timeout`` before it raises
+        RuntimeTimeout."""
+        grace = max(0, int(timeout))
         try:
-            async with asyncio.timeout(grace + margin):
-                await self._stop(container_id, grace, signal, what)
-        except TimeoutError:
-            raise RuntimeTimeout(
-                f"{what}: not stopped within {grace:g}s grace + {margin:g}s margin"
-            ) from None
+            await self.engine.stop_container(f"stop container {container_id[:12]}", container_id, grace)
         finally:
             self._status_cache.pop(container_id, None)
 
@@ -569,7 +647,7 @@ class DockerRuntime:
 
     @_observed("list_containers")
     async def list_containers(self, pod_uid: str | None = None) -> list[ContainerStatus]:
-        return await self._relist(L.TYPE_CONTAINER, pod_uid, self._container_status)  # type: ignore[arg-type]
+        return await self._relist(L.TYPE_CONTAINER, pod_uid)
 
     @_observed("container_status")
     async def container_status(self, container_id: str) -> ContainerStatus:
@@ -715,94 +793,58 @@ class DockerRuntime:
         user = "" if uid is None else str(int(uid))
         return user if gid is None else f"{user}:{int(gid)}"
 
-    # --- internals: stop ---------------------------------------------------------------
-
-    async def _stop(self, container_id: str, grace: float, signal: str | None, what: str) -> None:
-        info = await self.engine.inspect_container(what, container_id)
-        if not info["State"].get("Running"):
-            return
-        sig = signal or info["Config"].get("StopSignal") or "SIGTERM"
-        if not await self._kill(container_id, sig, what):
-            return
-        if await self._wait_exit(container_id, grace, what):
-            return
-        log.info("container ignored its stop signal; killing", id=container_id[:12],
-                 signal=sig, grace=grace)
-        if not await self._kill(container_id, "SIGKILL", what):
-            return
-        if not await self._wait_exit(container_id, self.engine.call_timeout, what):
-            raise RuntimeTimeout(f"{what}: still running {self.engine.call_timeout:g}s after SIGKILL")
-
-    async def _kill(self, container_id: str, signal: str, what: str) -> bool:
-        """Signal the container; False when it is not running any more."""
-        try:
-            await self.engine.kill_container(f"{what}: kill -{signal}", container_id, signal)
-        except EngineError as exc:
-            if exc.status == 409:  # "is not running"
-                return False
-            raise
-        return True
-
-    async def _wait_exit(self, container_id: str, seconds: float, what: str) -> bool:
-        if seconds <= 0:
-            return False
-        try:
-            await self.engine.wait_container(f"{what}: wait", container_id, "not-running", seconds)
-        except RuntimeTimeout:
-            return False
-        return True
-
     # --- internals: list & status ------------------------------------------------------
 
     async def _list(
         self,
-        docker_type: str,
+        docker_type: str | None,
         pod_uid: str | None = None,
         *,
         extra: list[str] | None = None,
         status: str | None = None,
     ) -> list[dict[str, Any]]:
-        label_filters = [f"{L.NODE}={self.node_name}", f"{L.DOCKER_TYPE}={docker_type}"]
+        """``docker ps -a`` of this node's objects: sandboxes, containers or (None) both."""
+        label_filters = [f"{L.NODE}={self.node_name}"]
+        if docker_type is not None:
+            label_filters.append(f"{L.DOCKER_TYPE}={docker_type}")
         if pod_uid is not None:
             label_filters.append(f"{L.POD_UID}={pod_uid}")
         label_filters.extend(extra or [])
         filters: dict[str, list[str]] = {"label": label_filters}
         if status:
             filters["status"] = [status]
-        return await self.engine.list_containers(f"list {docker_type}s", filters)
+        return await self.engine.list_containers(f"list {docker_type or 'pod object'}s", filters)
 
-    async def _relist(
-        self,
-        docker_type: str,
-        pod_uid: str | None,
-        build: Callable[[dict[str, Any]], Awaitable[Any]],
-    ) -> list[Any]:
+    async def _relist(self, docker_type: str | None, pod_uid: str | None) -> list[Any]:
         entries = await self._list(docker_type, pod_uid)
         statuses: dict[str, Any] = {}
-        stale: list[tuple[str, str]] = []
+        stale: list[tuple[str, str, str]] = []
         for entry in entries:
             container_id, state = entry["Id"], entry.get("State", "")
+            kind = (entry.get("Labels") or {}).get(L.DOCKER_TYPE) or docker_type or L.TYPE_CONTAINER
             cached = self._status_cache.get(container_id)
             if cached is not None and cached[1] == state and state in _STABLE_STATES:
                 statuses[container_id] = cached[2]
             else:
-                stale.append((container_id, state))
+                stale.append((container_id, state, kind))
 
-        async def refresh(container_id: str, state: str) -> None:
+        async def refresh(container_id: str, state: str, kind: str) -> None:
             try:
                 info = await self._inspect(container_id)
             except NotFound:
                 return  # removed between the list and the inspect
+            build = self._sandbox_status if kind == L.TYPE_SANDBOX else self._container_status
             status = await build(info)  # None (unusable labels) is cached too
             statuses[container_id] = status
-            self._status_cache[container_id] = (docker_type, state, status)
+            self._status_cache[container_id] = (kind, state, status)
 
-        await _run_all(refresh(container_id, state) for container_id, state in stale)
+        await _run_all(refresh(*item) for item in stale)
         if pod_uid is None:
             listed = {entry["Id"] for entry in entries}
             for container_id in [cid for cid, (kind, _s, _v) in self._status_cache.items()
-                                 if kind == docker_type and cid not in listed]:
+                                 if (docker_type is None or kind == docker_type) and cid not in listed]:
                 del self._status_cache[container_id]
+                self._sandbox_labels.pop(container_id, None)
         # Copies: callers may modify what they get without touching the cache.
         return [_copy_status(statuses[e["Id"]]) for e in entries
                 if statuses.get(e["Id"]) is not None]
@@ -826,6 +868,8 @@ class DockerRuntime:
         if pod is None:
             log.warning("sandbox without pod labels ignored", id=info["Id"][:12])
             return None
+        if labels.get(L.NODE) == self.node_name:
+            self._sandbox_labels[info["Id"]] = dict(labels)
         state = info["State"]
         running = bool(state.get("Running"))
         pid = int(state.get("Pid") or 0) if running else 0
@@ -932,6 +976,11 @@ def _copy_status(status: Any) -> Any:
     if isinstance(status, SandboxStatus):
         duplicate.annotations = dict(status.annotations)
     return duplicate
+
+
+def _running(entry: dict[str, Any]) -> bool:
+    """A ``docker ps`` entry whose process is alive (it will leave its network)."""
+    return entry.get("State") in ("running", "restarting", "paused")
 
 
 async def _run_all(coros: Iterable[Coroutine[Any, Any, None]]) -> None:

@@ -64,6 +64,11 @@ class PullInfo:
 PROGRESS_LOG_PERIOD = 5.0
 # kubelet reports at most this many images in Node status.images (nodeStatusMaxImages).
 NODE_STATUS_MAX_IMAGES = 50
+# How long a found image is taken as present without asking Docker again: the span
+# of a burst of pod starts. An image removed meanwhile fails the create, which the
+# pod worker retries.
+PRESENT_TTL = 2.0
+_PRESENT_MAX = 256
 
 
 class DockerImageService:
@@ -90,6 +95,8 @@ class DockerImageService:
         self.pull_timeout = pull_timeout
         self.auths = dict(auths or {})
         self._pulls: dict[tuple[str, RegistryAuth | None], asyncio.Task[str]] = {}
+        # name -> (answer good until, the inspect): see _inspect_id.
+        self._present: dict[str, tuple[float, asyncio.Future[str | None]]] = {}
 
     async def list_images(self) -> list[dict]:
         """Node ``status.images``: names (digests, then tags) and size, largest first."""
@@ -125,6 +132,27 @@ class DockerImageService:
     # --- internals -----------------------------------------------------------------
 
     async def _inspect_id(self, name: str, image: str) -> str | None:
+        """The image's id, or None when it is not present. A burst of pod starts asks
+        for the same few images: one inspect answers everyone asking while it is in
+        flight and, when the image was there, for PRESENT_TTL after (a pull of the
+        name forgets the answer). Absence is never remembered."""
+        now = time.monotonic()
+        entry = self._present.get(name)
+        if entry is None or (entry[1].done() and now >= entry[0]):
+            if len(self._present) >= _PRESENT_MAX:
+                self._present = {k: v for k, v in self._present.items() if not v[1].done() or now < v[0]}
+            entry = (now + PRESENT_TTL, asyncio.ensure_future(self._inspect_now(name, image)))
+            self._present[name] = entry
+            entry[1].add_done_callback(lambda done: self._inspected(name, done))
+        return await asyncio.shield(entry[1])
+
+    def _inspected(self, name: str, done: asyncio.Future[str | None]) -> None:
+        if done.cancelled() or done.exception() is not None or done.result() is None:
+            current = self._present.get(name)
+            if current is not None and current[1] is done:
+                del self._present[name]
+
+    async def _inspect_now(self, name: str, image: str) -> str | None:
         try:
             info = await self.runtime.engine.inspect_image(f"inspect image {image!r}", name)
         except NotFound:
@@ -143,6 +171,7 @@ class DockerImageService:
 
     def _pull_finished(self, key: tuple[str, RegistryAuth | None], task: asyncio.Task[str]) -> None:
         self._pulls.pop(key, None)
+        self._present.clear()  # a pull may have moved any tag
         if not task.cancelled():
             task.exception()  # retrieved: every waiter may have left already
 

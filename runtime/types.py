@@ -240,6 +240,15 @@ class RuntimeService(Protocol):
 
     async def run_pod_sandbox(self, config: SandboxConfig, image: str) -> str: ...
 
+    async def create_pod_sandbox(self, config: SandboxConfig, image: str) -> str:
+        """Create the sandbox without starting it (start it with ``start_container``);
+        containers can be created in it meanwhile."""
+
+    async def sandbox_status(self, sandbox_id: str) -> SandboxStatus: ...
+
+    async def list_pod(self, pod_uid: str) -> tuple[list[SandboxStatus], list[ContainerStatus]]:
+        """The pod's sandboxes and containers in one look."""
+
     async def stop_pod_sandbox(self, sandbox_id: str, timeout: int = 10) -> None: ...
 
     async def remove_pod_sandbox(self, sandbox_id: str) -> None: ...
@@ -252,9 +261,7 @@ class RuntimeService(Protocol):
 
     async def start_container(self, container_id: str) -> None: ...
 
-    async def stop_container(
-        self, container_id: str, timeout: int, signal: str | None = None
-    ) -> None: ...
+    async def stop_container(self, container_id: str, timeout: int) -> None: ...
 
     async def remove_container(self, container_id: str) -> None: ...
 

@@ -13,7 +13,7 @@ import calendar
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 import structlog
 
@@ -284,8 +284,7 @@ class Kubelet:
             await self._sync_ended(pod, *record.ended)
             return SyncResult(finished=True)
 
-        sandboxes = await self.runtime.list_pod_sandboxes(uid)
-        containers = await self.runtime.list_containers(uid)
+        sandboxes, containers = await self.runtime.list_pod(uid)
         now = _now()
         terminating = pod["metadata"].get("deletionTimestamp") is not None
         actions = compute_pod_actions(
@@ -302,24 +301,7 @@ class Kubelet:
 
         if actions.kill_pod:
             await self._kill_pod(pod, sandboxes, containers, release_network=False)
-            sandboxes = await self.runtime.list_pod_sandboxes(uid)
-            containers = await self.runtime.list_containers(uid)
-
-        sandbox: SandboxStatus | None = None
-        if actions.create_sandbox and not terminating:
-            try:
-                sandbox = await self._create_sandbox(pod, actions.sandbox_attempt)
-            except (RuntimeError_, NetworkError) as exc:
-                log.warning("creating pod sandbox failed", pod=_fmt(pod), error=str(exc))
-                for _kind, c in iter_containers(pod):
-                    waiting[c["name"]] = ("ContainerCreating", f"failed to create pod sandbox: {exc}")
-                await self._publish(pod, sandboxes, containers, waiting)
-                raise
-            sandboxes = await self.runtime.list_pod_sandboxes(uid)
-        elif actions.sandbox_id:
-            sandbox = next((s for s in sandboxes if s.id == actions.sandbox_id), None)
-            if sandbox is not None and not terminating:
-                await self._ensure_network(pod, sandbox)
+            sandboxes, containers = await self.runtime.list_pod(uid)
 
         for kill in actions.to_kill:
             log.info("killing container", pod=_fmt(pod), container=kill.name, reason=kill.reason)
@@ -332,6 +314,16 @@ class Kubelet:
             except NotFound:
                 pass
 
+        sandbox: SandboxStatus | None = None
+        if actions.create_sandbox and not terminating:
+            retry = await self._start_in_new_sandbox(pod, actions, waiting, sandboxes, containers)
+            if retry is not None:
+                requeue = retry if requeue is None else min(requeue, retry)
+        elif actions.sandbox_id:
+            sandbox = next((s for s in sandboxes if s.id == actions.sandbox_id), None)
+            if sandbox is not None and not terminating:
+                await self._ensure_network(pod, sandbox)
+
         if actions.to_start and sandbox is not None:
             retry = await self._start_containers(pod, sandbox, actions.to_start, waiting)
             if retry is not None:
@@ -343,8 +335,7 @@ class Kubelet:
             requeue = VOLUME_RESYNC if requeue is None else min(requeue, VOLUME_RESYNC)
 
         if actions.kill_pod or actions.create_sandbox or actions.to_kill or actions.to_start:
-            containers = await self.runtime.list_containers(uid)
-            sandboxes = await self.runtime.list_pod_sandboxes(uid)
+            sandboxes, containers = await self.runtime.list_pod(uid)
         await self._publish(pod, sandboxes, containers, waiting)
         if actions.kill_pod and not actions.create_sandbox:
             # Every container is terminal and stays so (or the pod is being deleted):
@@ -371,8 +362,7 @@ class Kubelet:
         (logs, exit codes) until the pod is deleted; phase Failed with ``reason``, and
         for an eviction a DisruptionTarget condition."""
         uid = pod["metadata"]["uid"]
-        sandboxes = await self.runtime.list_pod_sandboxes(uid)
-        containers = await self.runtime.list_containers(uid)
+        sandboxes, containers = await self.runtime.list_pod(uid)
         if any(c.state in (ContainerState.RUNNING, ContainerState.CREATED) for c in containers) or \
                 any(s.state == SandboxState.READY for s in sandboxes):
             doomed = pod
@@ -380,8 +370,7 @@ class Kubelet:
                 doomed = dict(pod, metadata=dict(pod["metadata"],
                                                  deletionGracePeriodSeconds=EVICTION_GRACE_SECONDS))
             await self._kill_pod(doomed, sandboxes, containers, release_network=True)
-            sandboxes = await self.runtime.list_pod_sandboxes(uid)
-            containers = await self.runtime.list_containers(uid)
+            sandboxes, containers = await self.runtime.list_pod(uid)
         await self._publish(pod, sandboxes, containers, {})
         record = self.pods.get(uid)
         if record is None:
@@ -402,12 +391,19 @@ class Kubelet:
         status["conditions"] = conditions
         self._set_status(uid, status)
 
-    async def _create_sandbox(self, pod: dict, attempt: int) -> SandboxStatus:
+    async def _start_in_new_sandbox(self, pod: dict, actions, waiting, sandboxes, containers) -> float | None:
+        """Create the pod's sandbox and start its first containers, overlapping what
+        does not depend on the step before: the pause container is created (not
+        started); then, while it starts and its network is wired, the first
+        container's volumes, address, image and config are prepared and the
+        container is created in the not-yet-running sandbox (Docker joins
+        ``container:<id>`` namespaces only at start); it is started once the sandbox
+        runs with its network. Returns the requeue delay of the starts."""
         spec = pod["spec"]
         meta = pod["metadata"]
         config = SandboxConfig(
             pod=_pod_ref(pod),
-            attempt=attempt,
+            attempt=actions.sandbox_attempt,
             hostname=pod_dns.kernel_hostname(pod, self.dns.cluster_domain),
             sysctls=pod_security.pod_sysctls(pod),
             host_network=bool(spec.get("hostNetwork")),
@@ -417,17 +413,39 @@ class Kubelet:
             labels=dict(meta.get("labels") or {}),
             annotations=dict(meta.get("annotations") or {}),
         )
-        image = await self._sandbox_image()
-        log.info("creating pod sandbox", pod=_fmt(pod), attempt=attempt)
-        sandbox_id = await self.runtime.run_pod_sandbox(config, image)
-        sandbox = next(
-            (s for s in await self.runtime.list_pod_sandboxes(meta["uid"]) if s.id == sandbox_id),
-            None,
-        )
-        if sandbox is None:
-            raise NotFound(f"sandbox {sandbox_id[:12]} vanished right after it was created")
-        await self._ensure_network(pod, sandbox)
-        return sandbox
+
+        async def run_sandbox(sandbox_id: str) -> SandboxStatus:
+            await self.runtime.start_container(sandbox_id)
+            sandbox = await self.runtime.sandbox_status(sandbox_id)
+            await self._ensure_network(pod, sandbox)
+            return sandbox
+
+        ready: asyncio.Future[SandboxStatus] | None = None
+        try:
+            image = await self._sandbox_image()
+            log.info("creating pod sandbox", pod=_fmt(pod), attempt=actions.sandbox_attempt)
+            sandbox_id = await self.runtime.create_pod_sandbox(config, image)
+            ready = asyncio.ensure_future(run_sandbox(sandbox_id))
+            created = SandboxStatus(id=sandbox_id, pod=config.pod, attempt=config.attempt,
+                                    state=SandboxState.NOTREADY, created_at=_now(),
+                                    host_network=config.host_network)
+            retry = None
+            if actions.to_start:
+                retry = await self._start_containers(pod, created, actions.to_start, waiting, sandbox_ready=ready)
+            await ready
+            return retry
+        except (RuntimeError_, NetworkError) as exc:
+            log.warning("creating pod sandbox failed", pod=_fmt(pod), error=str(exc))
+            for _kind, c in iter_containers(pod):
+                waiting[c["name"]] = ("ContainerCreating", f"failed to create pod sandbox: {exc}")
+            await self._publish(pod, sandboxes, containers, waiting)
+            raise
+        finally:
+            if ready is not None and not ready.done():
+                ready.cancel()
+            if ready is not None:
+                # Never leave the sandbox task behind (its failure is the one raised).
+                await asyncio.gather(ready, return_exceptions=True)
 
     async def _ensure_network(self, pod: dict, sandbox: SandboxStatus) -> None:
         """Wire the sandbox's network once per sandbox and agent lifetime.
@@ -449,8 +467,11 @@ class Kubelet:
         self._network_ready[uid] = sandbox.id
 
     async def _start_containers(
-        self, pod: dict, sandbox: SandboxStatus, to_start, waiting: dict[str, tuple[str, str]]
+        self, pod: dict, sandbox: SandboxStatus, to_start, waiting: dict[str, tuple[str, str]],
+        sandbox_ready: Awaitable[SandboxStatus] | None = None,
     ) -> float | None:
+        """Start ``to_start`` in order. With ``sandbox_ready`` (a sandbox still
+        starting), each container is created at once and started once it is ready."""
         specs = {c["name"]: c for _kind, c in iter_containers(pod)}
         try:
             await self._prefetch(pod)
@@ -463,7 +484,7 @@ class Kubelet:
             for start in to_start:
                 waiting[start.name] = ("ContainerCreating", message)
             return 10.0
-        pod_ip = await self._pod_ip(pod)
+        pod_ip = await self._reserve_pod_ip(pod)
         try:
             pod_mounts, dns_warnings = await asyncio.to_thread(
                 pod_dns.write_pod_files, self.volumes.pod_dir(pod["metadata"]["uid"]), pod,
@@ -482,7 +503,7 @@ class Kubelet:
         requeue: float | None = None
         for start in to_start:
             problem = await self._start_one(pod, sandbox, specs[start.name], start, volume_paths, pod_ip,
-                                            pod_mounts)
+                                            pod_mounts, sandbox_ready)
             if problem is None:
                 continue
             reason, message, retry_in = problem
@@ -495,7 +516,7 @@ class Kubelet:
         return requeue
 
     async def _start_one(
-        self, pod, sandbox, container, start, volume_paths, pod_ip, pod_mounts=()
+        self, pod, sandbox, container, start, volume_paths, pod_ip, pod_mounts=(), sandbox_ready=None,
     ) -> tuple[str, str, float | None] | None:
         """Start one container; on failure return (waiting reason, message, retry in)."""
         uid = pod["metadata"]["uid"]
@@ -563,6 +584,8 @@ class Kubelet:
                      kind=start.kind, attempt=start.attempt)
             container_id = await self.runtime.create_container(sandbox, config)
             self.events.event(pod, NORMAL, "Created", f"Created container {start.name}", field_path=path)
+            if sandbox_ready is not None:
+                await sandbox_ready  # its failure is the sync's (raised past the handlers below)
             await self.runtime.start_container(container_id)
             self.events.event(pod, NORMAL, "Started", f"Started container {start.name}", field_path=path)
             if self.hooks is not None and await post_start(self, pod, container, container_id, pod_ip, path):
@@ -618,6 +641,13 @@ class Kubelet:
         except (ConfigError, OSError) as exc:
             log.warning("volume refresh failed", pod=_fmt(pod), error=str(exc))
 
+    async def _reserve_pod_ip(self, pod: dict) -> str | None:
+        """The pod's address for its containers' environment and hosts file: the
+        host's, or the one the network allocated (possibly before it is wired)."""
+        if pod["spec"].get("hostNetwork"):
+            return self.host_ip
+        return (await self.network.reserve(pod["metadata"]["uid"])).ip
+
     async def _pod_ip(self, pod: dict) -> str | None:
         if pod["spec"].get("hostNetwork"):
             return self.host_ip
@@ -631,8 +661,7 @@ class Kubelet:
         what still runs within the grace period, stop the sandbox and release its
         address at once; keep the exited containers (exit codes, logs) until the pod
         is removed."""
-        sandboxes = await self.runtime.list_pod_sandboxes(uid)
-        containers = await self.runtime.list_containers(uid)
+        sandboxes, containers = await self.runtime.list_pod(uid)
         live = [c for c in containers if c.state in (ContainerState.RUNNING, ContainerState.CREATED)]
         ready = [s for s in sandboxes if s.state == SandboxState.READY]
         if live or ready:
@@ -653,26 +682,29 @@ class Kubelet:
             # Containers were stopped here (deletion): report their final states. A pod
             # already reported terminal keeps its status (its containers may be gone,
             # e.g. terminal in the API when first seen after a restart).
-            await self._publish(pod, await self.runtime.list_pod_sandboxes(uid),
-                                await self.runtime.list_containers(uid), {})
+            await self._publish(pod, *await self.runtime.list_pod(uid), {})
 
     async def terminate_pod(self, uid: str, pod: dict | None) -> None:
-        sandboxes = await self.runtime.list_pod_sandboxes(uid)
-        containers = await self.runtime.list_containers(uid)
+        sandboxes, containers = await self.runtime.list_pod(uid)
         if pod is None:
             record = self.pods.get(uid)
             pod = record.pod if record else None
-        await self._kill_pod(pod, sandboxes, containers, release_network=True, uid=uid)
-        for c in containers:
+        # Containers stop within the grace period; the sandboxes are not stopped first:
+        # removing one kills its pause and takes its containers (one list, one call
+        # each, together). The address goes last, with the namespace already gone.
+        await self._kill_pod(pod, sandboxes, containers, release_network=False, stop_sandboxes=False)
+
+        async def remove(call, object_id: str) -> None:
             try:
-                await self.runtime.remove_container(c.id)
+                await call(object_id)
             except NotFound:
                 pass
-        for s in sandboxes:
-            try:
-                await self.runtime.remove_pod_sandbox(s.id)
-            except NotFound:
-                pass
+
+        sandbox_ids = {s.id for s in sandboxes}
+        await _gather_all([remove(self.runtime.remove_pod_sandbox, s.id) for s in sandboxes]
+                          + [remove(self.runtime.remove_container, c.id) for c in containers
+                             if c.sandbox_id not in sandbox_ids])
+        await self._release_network(uid)
         try:
             async with asyncio.timeout(VOLUME_DEADLINE):
                 await self.volumes.teardown(uid)
@@ -693,7 +725,13 @@ class Kubelet:
         *,
         release_network: bool,
         uid: str | None = None,
+        stop_sandboxes: bool = True,
     ) -> None:
+        """Stop the containers (termination order, within the grace period), then the
+        sandboxes, then release the pod's network. The sandbox goes first (kubelet's
+        CNI teardown runs before it) because its namespace takes the pod's veth pair
+        with it asynchronously, where deleting the veth ourselves waits ~20 ms on the
+        kernel per pod."""
         uid = uid or (pod["metadata"]["uid"] if pod else None)
         grace = _grace_period(pod, containers)
         deadline = time.monotonic() + grace
@@ -705,19 +743,25 @@ class Kubelet:
                 # sidecars stop only after the app containers are gone.
                 remaining = max(0, int(deadline - time.monotonic() + 0.999))
                 await asyncio.gather(*(self._stop_container(c.id, remaining, pod, c.name, c) for c in group))
-        for s in sandboxes:
-            if s.state == SandboxState.READY:
-                try:
-                    await self.runtime.stop_pod_sandbox(s.id)
-                except NotFound:
-                    pass
+        if stop_sandboxes:
+            for s in sandboxes:
+                if s.state == SandboxState.READY:
+                    try:
+                        await self.runtime.stop_pod_sandbox(s.id)
+                    except NotFound:
+                        pass
         if release_network and uid is not None:
-            netns = next((s.netns_path for s in sandboxes if s.netns_path), None)
-            try:
-                async with asyncio.timeout(NETWORK_DEADLINE):
-                    await self.network.teardown_pod(uid, netns)
-            except TimeoutError:
-                raise NetworkError(f"pod network teardown did not finish within {NETWORK_DEADLINE:.0f}s") from None
+            await self._release_network(uid)
+
+    async def _release_network(self, uid: str) -> None:
+        """Release the address and the host's end of the veth. Called once the
+        sandboxes are stopped: no namespace is passed, since a dead pause's
+        /proc/<pid>/ns/net could by now name another process's namespace."""
+        try:
+            async with asyncio.timeout(NETWORK_DEADLINE):
+                await self.network.teardown_pod(uid, None)
+        except TimeoutError:
+            raise NetworkError(f"pod network teardown did not finish within {NETWORK_DEADLINE:.0f}s") from None
 
     async def _stop_container(
         self, container_id: str, grace: int, pod: dict | None = None, name: str | None = None,
@@ -772,6 +816,14 @@ class Kubelet:
         status["reason"] = reason
         status["message"] = message
         return status
+
+
+async def _gather_all(coros: list) -> None:
+    """Run concurrently; wait for all; raise the first failure (not a group)."""
+    results = await asyncio.gather(*coros, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 def _fmt(pod: dict | None) -> str:
