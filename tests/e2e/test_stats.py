@@ -200,7 +200,13 @@ def test_promtool_accepts_live_metrics(node):
         assert status == 200, path
         check = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=30)
         assert check.returncode == 0, (path, check.stdout, check.stderr)
-    families = {f.name: f for f in text_string_to_metric_families(_get(node, "/metrics")[1].decode())}
+    def families_now() -> dict:
+        return {f.name: f for f in text_string_to_metric_families(_get(node, "/metrics")[1].decode())}
+
+    # The running counts are as of the PLEG's last relist (every relist period).
+    node.wait_for("a relist that saw both pods",
+                  lambda: families_now()["kubelet_running_pods"].samples[0].value == 2, 10)
+    families = families_now()
     assert families["kubelet_running_pods"].samples[0].value == 2
     running = {s.labels["container_state"]: s.value for s in families["kubelet_running_containers"].samples}
     assert running["running"] == 2
