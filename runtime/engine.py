@@ -198,14 +198,6 @@ class Engine:
         await self.run(what, lambda d: d.containers.container(container_id).stop(t=int(grace)),
                        timeout=grace + self.call_timeout, ok_statuses=(304,))
 
-    async def kill_container(self, what: str, container_id: str, signal: str) -> None:
-        await self.run(what, lambda d: d.containers.container(container_id).kill(signal=signal))
-
-    async def wait_container(self, what: str, container_id: str, condition: str, timeout: float) -> None:
-        await self.run(
-            what, lambda d: d.containers.container(container_id).wait(condition=condition), timeout=timeout
-        )
-
     async def remove_container(self, what: str, container_id: str) -> None:
         await self.run(what, lambda d: d.containers.container(container_id).delete(force=True, v=True))
 

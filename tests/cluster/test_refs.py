@@ -520,6 +520,9 @@ class HostNetworkOnly:
 
     async def start(self) -> None: ...
 
+    async def reserve(self, pod_uid):
+        raise AssertionError("hostNetwork pods reserve no address")
+
     async def setup_pod(self, pod_uid, netns_path):
         raise AssertionError("hostNetwork pods need no pod network")
 

@@ -17,32 +17,13 @@ from nodeagent.kubelet.containerconfig import NodeResources
 from nodeagent.kubelet.kubelet import Kubelet
 from nodeagent.kubelet.volumes import VolumeManager
 from runtime.docker import DockerRuntime, StartContainerError
+from tests.cluster.test_refs import HostNetworkOnly
 from runtime.images import DockerImageService
 from runtime.types import ContainerState, SandboxState
 
 from .util import PAUSE
 
 SLOW_START = 1.0
-
-
-class HostNetworkOnly:
-    """hostNetwork pods need no pod network; nothing is sent anywhere."""
-
-    async def start(self) -> None: ...
-
-    async def reserve(self, pod_uid):
-        raise AssertionError("hostNetwork pods reserve no address")
-
-    async def setup_pod(self, pod_uid, netns_path):
-        raise AssertionError("hostNetwork pods need no pod network")
-
-    async def teardown_pod(self, pod_uid, netns_path) -> None: ...
-
-    async def pod_status(self, pod_uid):
-        return None
-
-    async def garbage_collect(self, live_pod_uids):
-        return []
 
 
 class SlowSandboxRuntime(DockerRuntime):

@@ -33,6 +33,19 @@ def test_which_engines_have_the_network_exit_deadlock(version, affected):
     assert has_network_exit_deadlock(version) is affected
 
 
+def count_lists(runtime, monkeypatch) -> list:
+    """Every ``docker ps`` the runtime makes from now on (its filters)."""
+    calls: list = []
+    real = runtime.engine.list_containers
+
+    async def counted(what, filters):
+        calls.append(filters)
+        return await real(what, filters)
+
+    monkeypatch.setattr(runtime.engine, "list_containers", counted)
+    return calls
+
+
 async def test_a_container_is_created_in_a_sandbox_that_is_not_running_yet(runtime):
     """What the pipelined start relies on: Docker resolves ``container:<id>``
     namespaces at start, so the app container is created while the pause starts;
@@ -66,14 +79,7 @@ async def test_a_container_is_created_in_a_sandbox_that_is_not_running_yet(runti
 async def test_list_pod_answers_sandboxes_and_containers_from_one_docker_ps(runtime, monkeypatch):
     sandbox = await run_sandbox(runtime)
     app = await run_container(runtime, sandbox, "app", "sleep 30")
-    calls = []
-    real = runtime.engine.list_containers
-
-    async def counted(what, filters):
-        calls.append(filters)
-        return await real(what, filters)
-
-    monkeypatch.setattr(runtime.engine, "list_containers", counted)
+    calls = count_lists(runtime, monkeypatch)
     sandboxes, containers = await runtime.list_pod(sandbox.pod.uid)
     assert [s.id for s in sandboxes] == [sandbox.id]
     assert [c.id for c in containers] == [app]
@@ -84,17 +90,10 @@ async def test_removing_a_sandbox_takes_one_list_and_its_containers_with_it(runt
     sandbox = await run_sandbox(runtime)
     app = await run_container(runtime, sandbox, "app", "trap 'exit 0' TERM; while true; do sleep 1 & wait; done")
     await runtime.stop_container(app, 10)
-    lists = []
-    real = runtime.engine.list_containers
-
-    async def counted(what, filters):
-        lists.append(filters)
-        return await real(what, filters)
-
-    monkeypatch.setattr(runtime.engine, "list_containers", counted)
+    lists = count_lists(runtime, monkeypatch)
     await runtime.remove_pod_sandbox(sandbox.id)
     assert len(lists) == 1
-    monkeypatch.setattr(runtime.engine, "list_containers", real)
+    monkeypatch.undo()
     assert await runtime.list_pod(sandbox.pod.uid) == ([], [])
 
 
