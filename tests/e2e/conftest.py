@@ -273,6 +273,15 @@ def agent(agent_factory) -> AgentProcess:
     return agent_factory()
 
 
+def docker_time(stamp: str) -> float:
+    """Seconds since the epoch of Docker's RFC 3339 stamp, nanoseconds kept: a
+    comparison made to the second can be off by almost one second."""
+    from datetime import datetime
+
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    return datetime.fromisoformat(head + "+00:00").timestamp() + float("0." + (frac or "0"))
+
+
 def pod_manifest(name: str, containers: list[dict], **spec) -> dict:
     return {
         "apiVersion": "v1",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from tests.e2e.conftest import busybox, docker, pod_manifest
+from tests.e2e.conftest import busybox, docker, docker_time, pod_manifest
 
 # Ignores SIGTERM: stopping it takes the whole grace period.
 STUBBORN = "trap '' TERM; while true; do sleep 0.2; done"
@@ -64,7 +64,7 @@ def test_pod_readded_while_terminating_runs_visibly_after_termination(agent):
         for p in pods_named(agent, "flip")), 10)
     pod, running = agent.wait_for("re-added pod running and listed", rerun, 40)
     (new,) = running
-    started = time.mktime(time.strptime(new["State"]["StartedAt"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    started = docker_time(new["State"]["StartedAt"])
     assert started >= reverted_at + 2.0, "the re-added pod started before its termination completed"
     assert pod["status"]["podIP"]
     assert ipam_holds(agent, uid1)

@@ -22,7 +22,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import REPO, AgentProcess, busybox, free_port, pod_manifest
+from tests.e2e.conftest import REPO, AgentProcess, busybox, docker_time, free_port, pod_manifest
 
 pytestmark = [pytest.mark.docker, pytest.mark.root]
 
@@ -118,13 +118,13 @@ def test_working_set_and_cpu_rate_match_workloads_and_docker(node):
     o2, d2, p2, t2 = _ours(node, "burn"), docker_stats(burn), sum(proc.cpu_times()[:2]), time.time()
     ours = (o2[0] - o1[0]) / (o2[1] - o1[1])
     docker_rate = ((d2["cpu_stats"]["cpu_usage"]["total_usage"] - d1["cpu_stats"]["cpu_usage"]["total_usage"])
-                   / 1e9 / (_docker_time(d2) - _docker_time(d1)))
+                   / 1e9 / (docker_time(d2["read"]) - docker_time(d1["read"])))
     proc_rate = (p2 - p1) / (t2 - t1)
     assert abs(ours - docker_rate) <= 0.1, (ours, docker_rate, proc_rate)
     assert abs(ours - proc_rate) <= 0.1, (ours, proc_rate)
     # the same counter: Docker's reading and ours differ by at most what the loop
     # burned between the two reading times
-    gap = abs(_docker_time(d2) - o2[1])
+    gap = abs(docker_time(d2["read"]) - o2[1])
     assert abs(d2["cpu_stats"]["cpu_usage"]["total_usage"] / 1e9 - o2[0]) <= gap * 1.1 + 0.2
     # One core of two is the loop's only when others leave it free; on the shared
     # machine the kernel's own view (proc_rate) says whether it was.
@@ -140,14 +140,6 @@ def _ours(agent: AgentProcess, container: str) -> tuple[float, float]:
     cpu = next(s.value for s in fams["container_cpu_usage_seconds"].samples if s.labels["container"] == container)
     seen = next(s.value for s in fams["container_last_seen"].samples if s.labels["container"] == container)
     return cpu, seen
-
-
-def _docker_time(st: dict) -> float:
-    from datetime import datetime
-
-    stamp = st["read"]  # RFC 3339 with nanoseconds
-    head, _, frac = stamp.rstrip("Z").partition(".")
-    return datetime.fromisoformat(head + "+00:00").timestamp() + float("0." + (frac or "0"))
 
 
 def test_summary_fields(node):
