@@ -5,6 +5,7 @@ root, exec root, pid file, socket and containerd namespace, no bridge and no ipt
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -23,7 +24,9 @@ def private_dockerd(seed: tuple[str, ...] = SEED_IMAGES) -> Iterator[str]:
     # A short path: unix socket paths are limited to 108 bytes.
     workdir = Path(tempfile.mkdtemp(prefix="pdk-", dir="/tmp"))
     sock = workdir / "docker.sock"
-    ns = f"nodeagent-test-{workdir.name}"
+    # containerd namespaces allow no "_" or "-" next to another separator, which
+    # mkdtemp's random suffix may produce.
+    ns = f"nodeagent-test-{secrets.token_hex(6)}"
     log = open(workdir / "dockerd.log", "wb")
     proc = subprocess.Popen(
         ["dockerd", "--data-root", str(workdir / "data"), "--exec-root", str(workdir / "exec"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import subprocess
@@ -215,7 +216,8 @@ class PrivateDocker:
         self.socket = self.root / "docker.sock"
         self.url = f"unix://{self.socket}"
         self.proc: subprocess.Popen | None = None
-        self.namespace = f"nodeagent-test-{self.root.name}"
+        # Not the mkdtemp suffix: containerd namespaces refuse "_" next to "-".
+        self.namespace = f"nodeagent-test-{secrets.token_hex(6)}"
 
     def docker(self, *args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(["docker", "-H", self.url, *args], capture_output=True,

@@ -345,7 +345,9 @@ def test_status_page_in_headless_chromium(node, tmp_path):
 
 def test_status_command(node):
     cmd = [sys.executable, "-m", "nodeagent.cli", "status", "--status-address", f"127.0.0.1:{node.port}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=REPO)
+    # Run alone, the module's pods may not have been sampled yet: usage shows once they are.
+    out = node.wait_for("a status table with the pods' usage", lambda: (
+        o := subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=REPO)) and "MiB" in o.stdout and o, 30)
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert text.startswith(f"NODE {node.node_name}   health ok")
@@ -357,7 +359,10 @@ def test_status_command(node):
     # --watch redraws until interrupted
     frames = Path(tempfile.mkdtemp()) / "watch.out"
     with open(frames, "w") as sink:
-        watch = subprocess.Popen(cmd + ["--watch", "0.5"], stdout=sink, text=True, cwd=REPO)
+        # Ctrl-C as a terminal sends it: SIGINT at its default, whatever the test runner
+        # inherited (a shell's background job starts with SIGINT ignored).
+        watch = subprocess.Popen(cmd + ["--watch", "0.5"], stdout=sink, text=True, cwd=REPO,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and frames.read_text().count(f"NODE {node.node_name}") < 2:
             time.sleep(0.2)
