@@ -49,14 +49,22 @@ def dead_sandboxes(
     return victims
 
 
-async def collect_dead_sandboxes(runtime: RuntimeService, known_pod_uids: Callable[[], set[str]]) -> list[str]:
+async def collect_dead_sandboxes(
+    runtime: RuntimeService,
+    known_pod_uids: Callable[[], set[str]],
+    listing: tuple[list[SandboxStatus], list[ContainerStatus]] | None = None,
+) -> list[str]:
     """Remove dead sandboxes (see ``dead_sandboxes``); returns the removed ids.
 
-    The known uids are read after the runtime was listed: a pod whose worker started
-    meanwhile is then known, so its brand-new sandbox is never mistaken for debris.
+    ``listing`` is a recent (sandboxes, containers) listing to decide on (the PLEG's
+    last relist) instead of listing the runtime again. Either way the known uids are
+    read after the runtime was listed: a pod whose worker started meanwhile is then
+    known, so its brand-new sandbox is never mistaken for debris, and a sandbox created
+    after the listing is not in it.
     """
-    sandboxes = await runtime.list_pod_sandboxes()
-    containers = await runtime.list_containers()
+    if listing is None:
+        listing = (await runtime.list_pod_sandboxes(), await runtime.list_containers())
+    sandboxes, containers = listing
     victims = dead_sandboxes(sandboxes, containers, known_pod_uids())
     removed: list[str] = []
     for sandbox in victims:

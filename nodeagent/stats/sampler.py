@@ -138,6 +138,7 @@ class StatsSampler:
         self._layout_error: str | None = None
         self._infos: dict[str, _Info] = {}
         self._fs_cache: dict[str, tuple[float, DirUsage]] = {}
+        self._volume_usage: dict[str, dict[str, DirUsage]] = {}  # pod uid -> volume -> usage
         self._prev_cpu: dict[str, tuple[float, int]] = {}
         self._prev_node: tuple[float, int] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stats")
@@ -322,13 +323,13 @@ class StatsSampler:
                 continue
             out["fs"][t.id] = (self._fs_cache.get("rootfs:" + t.id), self._fs_cache.get("logs:" + t.id))
         for uid in sandboxes:
-            out["volumes"][uid] = {k.split(":", 2)[2]: v[1] for k, v in self._fs_cache.items()
-                                   if k.startswith(f"vol:{uid}:")}
+            out["volumes"][uid] = self._volume_usage.get(uid, {})
         self.cpu_seconds += time.thread_time() - cpu_started
         return out
 
     def _read_fs(self, targets: list[_Target], sandboxes: dict[str, Any]) -> None:
         fresh: dict[str, tuple[float, DirUsage]] = {}
+        volumes: dict[str, dict[str, DirUsage]] = {}
         stamp = time.time()
         for t in targets:
             if t.info is None:
@@ -349,10 +350,11 @@ class StatsSampler:
                 continue
             for path in names:
                 try:
-                    fresh[f"vol:{uid}:{path.name}"] = (stamp, dir_usage(path))
+                    volumes.setdefault(uid, {})[path.name] = dir_usage(path)
                 except OSError:
                     pass
         self._fs_cache = fresh
+        self._volume_usage = volumes
 
     # --- back on the loop ------------------------------------------------------------------
 

@@ -83,3 +83,26 @@ async def test_known_pods_are_read_after_the_runtime_was_listed() -> None:
     assert await collect_dead_sandboxes(Runtime(), known) == ["g0"]
     assert calls == ["sandboxes", "containers", "known"]
     assert removed == ["g0"]
+
+
+async def test_a_given_listing_is_used_instead_of_listing_again() -> None:
+    # Housekeeping hands over the PLEG's last relist: no docker ps of its own, the same
+    # decision, and still the known uids read after that listing was taken.
+    from nodeagent.kubelet.gc import collect_dead_sandboxes
+
+    removed: list[str] = []
+
+    class Runtime:
+        async def list_pod_sandboxes(self):
+            raise AssertionError("listed although a listing was given")
+
+        async def list_containers(self):
+            raise AssertionError("listed although a listing was given")
+
+        async def remove_pod_sandbox(self, sandbox_id: str) -> None:
+            removed.append(sandbox_id)
+
+    listing = ([sandbox("new", "n0", 0), sandbox("gone", "g0", 0), sandbox("busy", "b0", 0)],
+               [container("busy", "b0")])
+    assert await collect_dead_sandboxes(Runtime(), lambda: {"new"}, listing) == ["g0"]
+    assert removed == ["g0"]
