@@ -2,7 +2,7 @@
 
     scripts/setup-bench.sh    # once, as root: installs podman (after scripts/setup.sh)
     .venv/bin/python bench/pod_lifecycle.py [--runs 20] [--pods 110] [--rounds 5]
-        [--idle-seconds 30] [--settle 1.0] [--warmup 1] [--floor-concurrency 0]
+        [--idle-seconds 60] [--settle 1.0] [--warmup 1] [--floor-concurrency 0]
         [--skip-podman] [--out DIR]
 
 Runs as root on one machine, with Docker running and the images ``busybox:1.35`` and
@@ -78,9 +78,12 @@ Scenarios (times in seconds, clock = wall clock of this machine):
   conmon's ``podman container cleanup`` processes).
 * **N pods (``--pods``) at once -> all Running** and **N pods deleted at once -> all
   gone**: ``--rounds`` rounds, same clocks, until the last pod.
-* **idle cost**: after the first agent burst round, with its N pods running: the agent
-  process's RSS (max over the window, psutil) and CPU (% of one core) over
-  ``--idle-seconds``.
+* **idle cost**: after the first agent burst round, with its N pods running and once
+  the burst's one-off follow-up work is over (``IDLE_SETTLE`` s: the first stats round
+  inspects every new container, the first relist sees them all): the agent process's
+  RSS (max over the window, psutil) and CPU (% of one core) over ``--idle-seconds``
+  (60 by default: one full cycle of every periodic task, the 10 s relist, stats and
+  housekeeping and the 60 s filesystem walk).
 
 Reported per scenario and contender: median and p90 (nearest rank) and the ratios of the
 medians nodeagent/floor and nodeagent/podman; a JSON document and a Markdown table for
@@ -689,8 +692,11 @@ def rotate(items: list[Any], k: int) -> list[Any]:
     return items[k:] + items[:k]
 
 
+IDLE_SETTLE = 20.0
+
+
 async def measure_idle(proc: psutil.Process, seconds: float) -> dict[str, Any]:
-    await asyncio.sleep(5)  # let the burst's follow-up work (status, PLEG) settle
+    await asyncio.sleep(IDLE_SETTLE)  # the burst's follow-up work is not idle cost
     proc.cpu_percent(None)
     rss: list[int] = []
     t0 = time.monotonic()
@@ -845,7 +851,7 @@ async def main() -> None:
     ap.add_argument("--runs", type=int, default=20, help="one-pod rounds (default 20)")
     ap.add_argument("--pods", type=int, default=110, help="pods per burst (default 110)")
     ap.add_argument("--rounds", type=int, default=5, help="burst rounds (default 5)")
-    ap.add_argument("--idle-seconds", type=float, default=30, help="agent idle window (default 30)")
+    ap.add_argument("--idle-seconds", type=float, default=60, help="agent idle window (default 60)")
     ap.add_argument("--settle", type=float, default=1.0,
                     help="pause between measurements, not counted (default 1.0 s; 3x after a burst delete)")
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured one-pod start+delete per contender")

@@ -15,7 +15,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import psutil
+
 SEED_IMAGES = ("busybox:1.35", "nodeagent/pause:1")
+
+
+def kill_leftovers(*marks: str) -> None:
+    """Kill what an engine leaves when it dies before its containers (a SIGKILLed or
+    slow-to-stop dockerd): containerd and the shims, found by their namespace or
+    directory on the command line."""
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if any(mark in cmdline for mark in marks) and proc.pid != os.getpid():
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
 
 
 @contextmanager
@@ -58,6 +73,7 @@ def private_dockerd(seed: tuple[str, ...] = SEED_IMAGES) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+        kill_leftovers(f"-namespace {ns} ", str(workdir) + "/")
         log.close()
         subprocess.run(["sh", "-c", f"grep -F '{workdir}' /proc/mounts | cut -d' ' -f2 | sort -r | xargs -r -n1 umount -l"],
                        capture_output=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import busybox, pod_manifest
+from tests.private_dockerd import kill_leftovers
 
 pytestmark = [pytest.mark.docker, pytest.mark.root]
 
@@ -262,6 +263,7 @@ class PrivateDocker:
             for cid in ids:
                 self.docker("rm", "-f", cid.decode(), check=False)
         self.stop()
+        kill_leftovers(f"-namespace {self.namespace} ", str(self.root) + "/")
         mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
                   if line.split()[1].startswith(str(self.root))]
         for mount in sorted(mounts, reverse=True):

@@ -363,11 +363,16 @@ def test_status_command(node):
         # inherited (a shell's background job starts with SIGINT ignored).
         watch = subprocess.Popen(cmd + ["--watch", "0.5"], stdout=sink, text=True, cwd=REPO,
                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and frames.read_text().count(f"NODE {node.node_name}") < 2:
-            time.sleep(0.2)
-        watch.send_signal(signal.SIGINT)
-        watch.wait(10)
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and frames.read_text().count(f"NODE {node.node_name}") < 2:
+                time.sleep(0.2)
+            watch.send_signal(signal.SIGINT)
+            watch.wait(10)
+        finally:
+            if watch.poll() is None:  # a failed test leaves no watcher behind
+                watch.kill()
+                watch.wait(5)
     assert watch.returncode == 0 and frames.read_text().count(f"NODE {node.node_name}") >= 2
     bad = subprocess.run(cmd[:-2] + ["--status-address", f"127.0.0.1:{free_port()}"],
                          capture_output=True, text=True, timeout=30, cwd=REPO)
