@@ -5,7 +5,8 @@
   root cgroup cannot be read, psutil's ``available``.
 * nodefs = the filesystem of the agent's root directory (pod volumes, logs);
   imagefs = the filesystem of Docker's data root (images, writable layers).
-* pid.available = kernel.pid_max − the number of processes.
+* pid.available = the task limit (the lower of kernel.pid_max and kernel.threads-max)
+  − the tasks that exist (/proc/loadavg), as kubelet's rlimit stats.
 
 Blocking reads of a few small files: the manager runs ``observe`` in a thread.
 """
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from nodeagent.stats.host import read_task_limits
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -68,15 +71,9 @@ def filesystem_observations(path: str) -> tuple[Observation, Observation] | None
 
 
 def pid_observation() -> Observation:
-    try:
-        pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
-    except (OSError, ValueError):
-        pid_max = 32768
-    try:
-        procs = sum(1 for name in os.listdir("/proc") if name.isdigit())
-    except OSError:
-        procs = 0
-    return Observation(max(0, pid_max - procs), pid_max)
+    limit, tasks = read_task_limits()
+    limit = limit or 32768
+    return Observation(max(0, limit - (tasks or 0)), limit)
 
 
 def observe(root_dir: str, image_dir: str | None) -> dict[str, Observation]:

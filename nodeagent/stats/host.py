@@ -77,10 +77,7 @@ def read_node(root_dir: str, image_dir: str = "/var/lib/docker") -> NodeSample:
     vm = _vmstat()
     fs = os.statvfs(root_dir if os.path.isdir(root_dir) else "/")
     img = os.statvfs(image_dir if os.path.isdir(image_dir) else "/")
-    try:
-        max_pid = int(Path("/proc/sys/kernel/pid_max").read_text())
-    except (OSError, ValueError):
-        max_pid = 0
+    max_pid, tasks = read_task_limits()
     return NodeSample(
         cpu_usage_ns=int(busy * 1e9),
         memory_total=mem.total,
@@ -98,10 +95,28 @@ def read_node(root_dir: str, image_dir: str = "/var/lib/docker") -> NodeSample:
         image_fs_capacity=img.f_blocks * img.f_frsize,
         image_fs_available=img.f_bavail * img.f_frsize,
         image_fs_used=(img.f_blocks - img.f_bfree) * img.f_frsize,
-        max_pid=max_pid,
-        num_processes=len(psutil.pids()),
+        max_pid=max_pid or 0,
+        num_processes=tasks or 0,
         interfaces=_node_interfaces(),
     )
+
+
+def read_task_limits(proc: Path = Path("/proc")) -> tuple[int | None, int | None]:
+    """(the node's task limit, tasks now) as kubelet's rlimit stats read them: the
+    lower of kernel.pid_max and kernel.threads-max (each thread takes a PID), and the
+    tasks that exist from /proc/loadavg's fourth field — threads, not processes, and
+    one small read instead of a walk of /proc. None where a file is unreadable."""
+    limits = []
+    for name in ("sys/kernel/pid_max", "sys/kernel/threads-max"):
+        try:
+            limits.append(int((proc / name).read_bytes()))
+        except (OSError, ValueError):
+            pass
+    try:
+        tasks: int | None = int((proc / "loadavg").read_bytes().split()[3].split(b"/")[1])
+    except (OSError, ValueError, IndexError):
+        tasks = None
+    return (min(limits) if limits else None), tasks
 
 
 def _node_interfaces() -> dict[str, NetSample]:
