@@ -1,6 +1,6 @@
 """`nodeagent join` to Node Ready, and the cost of a client certificate rotation.
 
-    .venv/bin/python bench/join.py [--runs 5] [--rotation-lifetime 20]
+    .venv/bin/python bench/join.py [--runs 5] [--rotation-lifetime 20] [--allocate-pod-cidrs 10.249.0.0/16]
 
 A. Join: a fresh test control plane (in this process, auto-approval like
    kube-controller-manager's csrapproving) and an empty root directory per run; the real
@@ -28,6 +28,7 @@ import asyncio
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import urllib.request
@@ -79,8 +80,8 @@ class CSRTimes:
         return sum(self.signed[n] - self.created[n] for n in self.signed if n in self.created)
 
 
-async def one_join(tmp: Path, run: int, joined: bool) -> tuple[float, float]:
-    cp = ControlPlane(tmp / f"cp-{run}-{joined}", options=Options(auto_approve_csrs=True))
+async def one_join(tmp: Path, run: int, joined: bool, pod_cidrs: str | None = None) -> tuple[float, float]:
+    cp = ControlPlane(tmp / f"cp-{run}-{joined}", options=Options(auto_approve_csrs=True, pod_cidr=pod_cidrs))
     await cp.start()
     times = CSRTimes(cp)
     workdir = tmp / f"agent-{run}-{joined}"
@@ -184,14 +185,31 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--rotation-lifetime", type=float, default=20.0)
     parser.add_argument("--rotations", type=int, default=3)
+    parser.add_argument("--allocate-pod-cidrs", metavar="CIDR", default=None,
+                        help="the control plane gives each new Node a /24 of CIDR as spec.podCIDR, "
+                             "as kube-controller-manager --allocate-node-cidrs does (kubeadm's "
+                             "--pod-network-cidr); without it the agent waits 2 s for one, then "
+                             "uses its configured range")
     args = parser.parse_args()
+    if args.allocate_pod_cidrs:
+        # The agents' bridges get addresses in this range: reserve it first, so that
+        # nothing for it could follow the default route.
+        subprocess.run(["ip", "route", "add", "unreachable", args.allocate_pod_cidrs], check=True)
+    try:
+        await measure(args)
+    finally:
+        if args.allocate_pod_cidrs:
+            subprocess.run(["ip", "route", "del", "unreachable", args.allocate_pod_cidrs])
+
+
+async def measure(args: argparse.Namespace) -> None:
     import tempfile
     tmp = Path(tempfile.mkdtemp(prefix="bench-join-"))
     joins, approvals, baselines = [], [], []
     for run in range(args.runs):  # interleaved: join, then the no-join baseline
         try:
-            total, approval = await one_join(tmp, run, True)
-            base, _ = await one_join(tmp, run, False)
+            total, approval = await one_join(tmp, run, True, args.allocate_pod_cidrs)
+            base, _ = await one_join(tmp, run, False, args.allocate_pod_cidrs)
         except AssertionError as exc:  # reported, not hidden: a round that did not finish
             print(f"run {run}: FAILED ({str(exc).splitlines()[0]})", flush=True)
             continue

@@ -46,6 +46,9 @@ LEASE_NAMESPACE = "kube-node-lease"
 # After creating the Node, how long to wait for the control plane's IPAM to fill in
 # spec.podCIDR before the network starts with the configured range.
 POD_CIDR_WAIT = 2.0
+# kubelet's fastStatusUpdateOnce: until Ready has been reported, readiness is checked
+# this often and the status posted the moment it turns true.
+FAST_READY_CHECK = 0.1
 
 _ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "armv6l": "arm",
          "i686": "386", "i386": "386", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
@@ -373,16 +376,14 @@ class NodeManager:
         delay = 0.5
         while True:
             wait = self.status_update_period
+            succeeded = False  # a failed step waits its back-off, never the fast check
             try:
                 if self.node is None:
                     await self._register_once()
                 else:
                     await self.sync_status()
                 delay = 0.5
-                if not self.is_ready_reported():
-                    # Until Ready is reported, look again every second, so the node
-                    # turns Ready soon after the runtime and network come up.
-                    wait = min(wait, 1.0)
+                succeeded = True
             except ApiError as exc:
                 if exc.is_not_found:
                     log.warning("node object is gone; registering again", node=self.name)
@@ -397,9 +398,18 @@ class NodeManager:
                 wait, delay = min(delay, wait), min(delay * 2, wait)
             try:
                 async with asyncio.timeout(wait):
-                    await self._register_needed.wait()
+                    if succeeded and self.node is not None and not self.is_ready_reported():
+                        await self._ready_or_register_needed()
+                    else:
+                        await self._register_needed.wait()
             except TimeoutError:
                 pass
+
+    async def _ready_or_register_needed(self) -> None:
+        """Return once the node is ready (so the status loop posts it at once) or must
+        register again; readiness is a cheap in-memory check (PLEG, pod network)."""
+        while not self._register_needed.is_set() and not self._ready()[0]:
+            await asyncio.sleep(FAST_READY_CHECK)
 
     def is_ready_reported(self) -> bool:
         for cond in (self._last_status or {}).get("conditions") or []:

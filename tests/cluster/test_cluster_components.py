@@ -5,6 +5,7 @@ check."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import subprocess
 import sys
@@ -385,3 +386,36 @@ async def test_api_source_routes_events_by_kind_of_change(cp_recording, node_cli
         assert ("pod", "mine") in seen
     finally:
         task.cancel()
+
+
+async def test_node_turns_ready_within_a_fast_check_of_becoming_ready(cp_recording, node_client):
+    # kubelet's fastStatusUpdateOnce: until Ready has been posted, readiness is looked at
+    # every 100 ms, not once per status period (10 s here), and posted at once.
+    cp = cp_recording
+    ready = [False]
+    manager = _node_manager(node_client, status_update_period=10.0)
+    manager._ready = lambda: (ready[0], "PLEG is not healthy: no relist yet")
+    loop = asyncio.create_task(manager._status_loop())
+    try:
+        # (registration itself waits up to 2 s for a podCIDR this control plane never gives)
+        await asyncio.wait_for(manager.registered.wait(), 10)
+        await asyncio.sleep(0.3)
+        conds = {c["type"]: c for c in cp.object("nodes", "n1")["status"]["conditions"]}
+        assert conds["Ready"]["status"] == "False"
+        ready[0] = True
+        flipped = time.monotonic()
+        while time.monotonic() - flipped < 3.0:
+            conds = {c["type"]: c for c in cp.object("nodes", "n1")["status"]["conditions"]}
+            if conds["Ready"]["status"] == "True":
+                break
+            await asyncio.sleep(0.02)
+        assert conds["Ready"]["status"] == "True"
+        assert time.monotonic() - flipped < 0.5
+        # Once Ready is posted, the loop is back to its period: no patch in the next 0.5 s.
+        patches = manager.stats["status_patches"]
+        await asyncio.sleep(0.5)
+        assert manager.stats["status_patches"] == patches
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
