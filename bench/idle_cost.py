@@ -15,7 +15,8 @@ every periodic task — 10 s relist, stats and housekeeping, the 60 s filesystem
 (e.g. a ``git worktree`` of an older commit) with this repository's virtualenv; rounds
 go through the checkouts in turn, so an old/new comparison is interleaved. No traffic
 is sent anywhere. The agent is stopped with SIGTERM and every container of the round's
-node is removed one at a time (Docker 20.10's network-exit deadlock), then the bridge.
+node is removed one at a time (Docker 20.10's network-exit deadlock), then the bridge
+and the agent's nftables table (``nodeagent cleanup``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pod_startup import agent_cmd, free_port  # noqa: E402
+from pod_startup import agent_cmd, cleanup_network, free_port  # noqa: E402
 
 BRIDGE = "naidle0"
 APP = ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 3600 & wait $!; done"]
@@ -47,12 +48,12 @@ def app_containers(node: str) -> list[str]:
         capture_output=True, text=True, check=True).stdout.split()
 
 
-def cleanup(node: str) -> None:
+def cleanup(node: str, workdir: Path) -> None:
     ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=io.nodeagent.node={node}"],
                          capture_output=True, text=True).stdout.split()
     for cid in ids:
         subprocess.run(["docker", "rm", "-f", cid], capture_output=True, timeout=60)
-    subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
+    cleanup_network(workdir)
 
 
 def one_round(code: Path, pods: int, settle: float, window: float, workdir: Path) -> dict:
@@ -91,7 +92,7 @@ def one_round(code: Path, pods: int, settle: float, window: float, workdir: Path
             proc.kill()
             proc.wait(10)
         log.close()
-        cleanup(node)
+        cleanup(node, workdir)
 
 
 def main() -> None:

@@ -154,7 +154,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from pod_startup import agent_cmd, free_port, remove_labelled, wait_gone  # noqa: E402
+from pod_startup import agent_cmd, cleanup_network, free_port, remove_labelled, wait_gone  # noqa: E402
 
 from runtime.engine import close_docker_client, make_docker_client  # noqa: E402
 
@@ -397,7 +397,7 @@ class Agent:
     async def cleanup(self) -> None:
         await self.terminate()
         await remove_labelled(self.docker, f"{NODE_LABEL}={self.node}")
-        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30)
+        cleanup_network(self.workdir)
         # Network namespaces and other mounts the agent made under its root dir.
         root = str(self.workdir / "root") + "/"
         mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()

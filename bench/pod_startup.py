@@ -128,11 +128,19 @@ async def remove_labelled(docker: aiodocker.Docker, label: str) -> None:
 
 def agent_cmd(workdir: Path, node: str, port: int, bridge: str) -> list[str]:
     cfg = workdir / "config.yaml"
-    cfg.write_text(yaml.safe_dump({"bridge-name": bridge, "manifest-poll-period": 1.0}))
+    # Its own nftables table too (named after the bridge): never the default "nodeagent"
+    # of an agent that may run on this host, and removed with the bridge afterwards.
+    cfg.write_text(yaml.safe_dump({"bridge-name": bridge, "proxy-table": bridge, "manifest-poll-period": 1.0}))
     return [sys.executable, "-m", "nodeagent.cli", "run", "--manifest-dir", str(workdir / "m"),
             "--node-name", node, "--pod-cidr", "10.244.250.0/24",
             "--status-address", f"127.0.0.1:{port}", "--root-dir", str(workdir / "root"),
             "--config", str(cfg), "--log-level", "warning"]
+
+
+def cleanup_network(workdir: Path) -> None:
+    """The agent's bridge, nftables table and forwarding rules (``nodeagent cleanup``)."""
+    subprocess.run([sys.executable, "-m", "nodeagent.cli", "cleanup", "--config", str(workdir / "config.yaml")],
+                   cwd=REPO, capture_output=True, timeout=60)
 
 
 def write_manifest(directory: Path, name: str) -> None:
@@ -244,7 +252,7 @@ async def main() -> None:
         await remove_labelled(docker, node_label)
         await remove_labelled(docker, f"nodeagent.bench={tag}")
         await close_docker_client(docker)
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        cleanup_network(workdir)
         subprocess.run(["sh", "-c", f"grep -F '{workdir}' /proc/mounts | cut -d' ' -f2 | xargs -r -n1 umount -l"])
         shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(results, indent=2))
