@@ -336,17 +336,12 @@ class Agent:
                     if released:
                         log.info("released addresses of gone pods", pod_uids=released)
                     await self.volumes.cleanup_orphans(live)
-                    await collect_dead_sandboxes(self.runtime, self.workers.known, self._fresh_listing())
+                    # The relist and housekeeping share a period: GC decides on the
+                    # PLEG's last relist and needs no listing of its own.
+                    await collect_dead_sandboxes(self.runtime, self.workers.known,
+                                                 self.pleg.recent_listing(self.settings.relist_period))
             except Exception as exc:  # housekeeping must never stop the node
                 log.warning("housekeeping failed", error=str(exc) or type(exc).__name__)
-
-    def _fresh_listing(self) -> tuple[list, list] | None:
-        """The PLEG's last relist when it is at most one relist period old: the relist
-        and housekeeping share a period, so GC then needs no listing of its own."""
-        last = self.pleg.last_listing
-        if last is None or time.monotonic() - last[0] > self.settings.relist_period:
-            return None
-        return last[1], last[2]
 
     def _service_list(self) -> list[dict] | None:
         if self.cluster is not None:

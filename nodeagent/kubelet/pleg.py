@@ -43,6 +43,14 @@ class PLEG:
         # the stats sampler so it needs no listing of its own.
         self.last_listing: tuple[float, list, list] | None = None
 
+    def recent_listing(self, max_age: float) -> tuple[list, list] | None:
+        """The last good relist's (sandboxes, containers) when it is at most ``max_age``
+        seconds old, for consumers that would otherwise list the runtime themselves."""
+        last = self.last_listing
+        if last is None or time.monotonic() - last[0] > max_age:
+            return None
+        return last[1], last[2]
+
     def healthy(self) -> tuple[bool, str]:
         if self.runtime_error:
             return False, f"container runtime unavailable: {self.runtime_error}"

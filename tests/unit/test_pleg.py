@@ -190,3 +190,16 @@ async def test_stale_relist_makes_pleg_unhealthy():
     pleg.last_relist -= 31.0  # more than max(3 periods, 30 s) ago
     ok, why = pleg.healthy()
     assert not ok and "last seen active" in why
+
+
+async def test_recent_listing_is_the_last_relist_while_young_enough():
+    # Housekeeping's GC decides on it instead of listing the runtime itself.
+    rt = FakeRuntime()
+    rt.add_pod("a")
+    pleg, _events, _relists = make(rt)
+    assert pleg.recent_listing(10.0) is None  # no relist yet
+    await pleg.relist()
+    sandboxes, containers = pleg.recent_listing(10.0)
+    assert [s.pod.uid for s in sandboxes] == ["a"] and [c.pod.uid for c in containers] == ["a"]
+    await asyncio.sleep(0.05)
+    assert pleg.recent_listing(0.01) is None  # older than asked for
